@@ -1,29 +1,51 @@
 """Shared building blocks of merge methods, written once.
 
 TIES, DARE, DELLA and Breadcrumbs are compositions of these (see ``sparsify.py``).
-Every function is pure; ``x`` is always stacked over models: ``(n_models, *shape)``.
+Every function is pure (inputs are never modified); ``x`` is always stacked over models:
+``(n_models, *shape)``, and per-model parameters are ``(n_models,)`` tensors.
+
+Sparsifiers follow mergekit's ``mergekit/sparsify.py`` semantics (``k = int(density * numel)``,
+``density >= 1`` returns the input unchanged), with two choices of rescaling: ``norm="density"``
+divides the kept entries by ``density`` (the DARE paper), ``norm="l1"``/``"l2"``/``"linf"`` scales
+them so the tensor keeps its norm (mergekit's ``rescale``, which uses ``l1``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
+    "RescaleNorm",
+    "SignMethod",
+    "breadcrumbs_mask",
     "disjoint_mean",
     "elect_sign",
     "expand_like",
+    "fraction",
     "generator_for",
+    "kth_largest",
+    "masked_sums",
+    "rank_magnitude_probs",
+    "rescale_to_norm",
+    "sparsify_breadcrumbs",
     "sparsify_magnitude",
     "sparsify_random",
+    "sparsify_rank_magnitude",
     "topk_mask",
     "weighted_sum",
 ]
 
 SignMethod = Literal["sum", "count"]
+RescaleNorm = Literal["density", "l1", "l2", "linf"]
+
+_SAMPLE = 1 << 16  # sample size used to bracket the k-th value of large tensors
+_EPS = 1e-7  # mergekit's tolerance for norm rescaling
 
 
 def expand_like(v: Tensor, x: Tensor) -> Tensor:
@@ -36,55 +58,208 @@ def weighted_sum(x: Tensor, weights: Tensor) -> Tensor:
     return torch.tensordot(weights.to(device=x.device, dtype=x.dtype), x, dims=1)
 
 
-def topk_mask(scores: Tensor, k: int) -> Tensor:
-    """Boolean mask of the ``k`` largest entries of a flat tensor, by selection (no full sort).
+def fraction(v: Tensor | float) -> float:
+    """A per-model fraction (density, gamma) as the decimal written in the config.
 
-    Uses ``kthvalue`` (quickselect) for the threshold; among entries equal to the threshold the
-    lowest indices are kept, so exactly ``k`` entries are selected and the result is deterministic.
+    Per-model parameters travel as float32, and ``int(0.7 * 10)`` would become ``int(6.99999988)``;
+    the shortest decimal that round-trips the float32 value restores ``0.7``, so counts
+    ``int(fraction * numel)`` match mergekit's (float64) arithmetic.
+    """
+    if isinstance(v, Tensor) and v.dtype == torch.float64:
+        return float(v)
+    return float(str(np.float32(float(v))))
+
+
+def _selectable(x: Tensor) -> Tensor:
+    """``x`` flattened, in a dtype every device can select on (CPU has no half ``kthvalue``)."""
+    flat = x.reshape(-1)
+    if flat.device.type == "cpu" and flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    return flat
+
+
+def _bracketed_kth(flat: Tensor, k: int) -> Tensor | None:
+    """The k-th largest entry, found inside a narrow value band estimated from a sample.
+
+    A fixed-seed random sample brackets the k-th value; one pass counts the entries above the
+    bracket and an exact ``kthvalue`` runs on the (small) band. ``None`` if the bracket missed.
+    """
+    n = flat.numel()
+    g = torch.Generator(device=flat.device).manual_seed(0)
+    sample = flat[torch.randint(n, (_SAMPLE,), generator=g, device=flat.device)].sort().values
+    q = k / n
+    pos = _SAMPLE * (1.0 - q)  # where the k-th largest sits in the ascending sample
+    margin = 6.0 * math.sqrt(_SAMPLE * q * (1.0 - q)) + 16.0
+    lo = sample[max(int(pos - margin), 0)]
+    hi = sample[min(int(pos + margin), _SAMPLE - 1)]
+    above = int(torch.count_nonzero(flat > hi))
+    if above >= k:
+        return None
+    band = flat[(flat >= lo) & (flat <= hi)]  # (m,), m << n
+    rest = k - above
+    if rest > band.numel():
+        return None
+    return torch.kthvalue(band, band.numel() - rest + 1).values
+
+
+def kth_largest(flat: Tensor, k: int) -> Tensor:
+    """Exact k-th largest value of a 1-D tensor (``1 <= k <= numel``), by selection, no full sort.
+
+    Large tensors use a sampled bracket plus ``kthvalue`` on the band (about 3x faster than
+    ``kthvalue`` on the whole tensor); the result is exact either way.
+    """
+    n = flat.numel()
+    if n > 16 * _SAMPLE:
+        value = _bracketed_kth(flat, k)
+        if value is not None:
+            return value
+    return torch.kthvalue(flat, n - k + 1).values
+
+
+def topk_mask(scores: Tensor, k: int) -> Tensor:
+    """Boolean mask of the ``k`` largest entries of ``scores`` (any shape), by selection.
+
+    Among entries equal to the threshold the lowest (flat) indices are kept, so exactly ``k``
+    entries are selected and the result is deterministic.
     """
     n = scores.numel()
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    flat = scores.reshape(-1)
-    work = flat if flat.device.type != "cpu" or flat.dtype != torch.bfloat16 else flat.float()
-    thresh = torch.kthvalue(work, n - k + 1).values
-    mask = work > thresh
-    missing = k - int(mask.sum())
-    if missing > 0:
-        ties = torch.nonzero(work == thresh).reshape(-1)[:missing]
-        mask[ties] = True
+    flat = _selectable(scores)
+    thresh = kth_largest(flat, k)
+    mask = flat >= thresh
+    extra = int(torch.count_nonzero(mask)) - k
+    if extra > 0:  # ties at the threshold: keep the lowest indices
+        ties = torch.nonzero(flat == thresh).reshape(-1)
+        mask[ties[ties.numel() - extra :]] = False
     return mask.reshape(scores.shape)
 
 
-def sparsify_magnitude(x: Tensor, density: Tensor) -> Tensor:
+def rescale_to_norm(masked: Tensor, original: Tensor, norm: RescaleNorm, density: float) -> Tensor:
+    """Rescale ``masked`` (in place, and returned) after sparsifying ``original``.
+
+    ``density`` divides by the keep probability (DARE paper); ``l1``/``l2``/``linf`` multiply by
+    ``||original|| / ||masked||`` (mergekit), skipped when either norm is below 1e-7.
+    """
+    if norm == "density":
+        return masked.div_(density)
+    order = {"l1": 1.0, "l2": 2.0, "linf": math.inf}[norm]
+    before = torch.linalg.vector_norm(original, ord=order)
+    after = torch.linalg.vector_norm(masked, ord=order)
+    if before < _EPS or after < _EPS:
+        return masked
+    return masked.mul_(before / after)
+
+
+def _sparsify(
+    x: Tensor, density: Tensor, masker, *, rescale: bool, norm: RescaleNorm
+) -> Tensor:
+    """Apply ``masker(i, x[i]) -> bool mask`` to each model, rescaling if asked: ``(n, *shape)``."""
+    out = torch.empty_like(x)
+    for i in range(x.shape[0]):
+        d = fraction(density[i])
+        if d >= 1.0:
+            out[i].copy_(x[i])
+            continue
+        torch.where(masker(i, x[i]), x[i], torch.zeros((), dtype=x.dtype, device=x.device), out=out[i])
+        if rescale:
+            rescale_to_norm(out[i], x[i], norm, d)
+    return out
+
+
+def sparsify_magnitude(
+    x: Tensor, density: Tensor, *, rescale: bool = False, norm: RescaleNorm = "l1"
+) -> Tensor:
     """Keep the top ``density[i]`` fraction of entries of each ``x[i]`` by magnitude (TIES trim).
 
     ``k = int(density * numel)`` as in the TIES reference code and mergekit; ``density >= 1`` keeps all.
     """
-    out = torch.empty_like(x)
-    for i in range(x.shape[0]):
-        d = float(density[i])
-        if d >= 1.0:
-            out[i] = x[i]
-            continue
-        k = int(d * x[i].numel())
-        out[i] = x[i] * topk_mask(x[i].abs(), k)
-    return out
+    return _sparsify(
+        x, density, lambda i, xi: topk_mask(xi.abs(), int(fraction(density[i]) * xi.numel())),
+        rescale=rescale, norm=norm,
+    )
 
 
-def sparsify_random(x: Tensor, density: Tensor, *, rescale: bool, generator: torch.Generator | None) -> Tensor:
-    """DARE: drop each entry with probability ``1 - density[i]``; optionally rescale by ``1/density``."""
-    out = torch.empty_like(x)
-    for i in range(x.shape[0]):
-        d = float(density[i])
-        if d >= 1.0:
-            out[i] = x[i]
-            continue
-        keep = torch.rand(x[i].shape, generator=generator, device=x.device, dtype=torch.float32) < d
-        out[i] = x[i] * keep / d if rescale else x[i] * keep
-    return out
+def breadcrumbs_mask(x: Tensor, density: float, gamma: float) -> Tensor:
+    """Model Breadcrumbs mask of one tensor: drop the largest ``gamma`` fraction by magnitude,
+    then the smallest, keeping ``int(density * numel)`` entries (mergekit's ``magnitude_outliers``).
+
+    ``n_top = int(gamma * numel)`` largest are dropped; if that leaves fewer than the target, fewer
+    large ones are dropped so the target is always kept.
+    """
+    n = x.numel()
+    target = int(density * n)
+    n_top = min(int(gamma * n), n - target)
+    scores = x.abs()
+    keep = topk_mask(scores, n_top + target)
+    if n_top > 0:
+        keep &= ~topk_mask(scores, n_top)
+    return keep
+
+
+def sparsify_breadcrumbs(
+    x: Tensor, density: Tensor, gamma: Tensor, *, rescale: bool = False, norm: RescaleNorm = "l1"
+) -> Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky 2024) on each model: ``(n, *shape)``."""
+    return _sparsify(
+        x, density, lambda i, xi: breadcrumbs_mask(xi, fraction(density[i]), fraction(gamma[i])),
+        rescale=rescale, norm=norm,
+    )
+
+
+def sparsify_random(
+    x: Tensor,
+    density: Tensor,
+    *,
+    rescale: bool,
+    generator: torch.Generator | None,
+    norm: RescaleNorm = "density",
+) -> Tensor:
+    """DARE: drop each entry with probability ``1 - density[i]``; optionally rescale (see module doc)."""
+
+    def masker(i: int, xi: Tensor) -> Tensor:
+        u = torch.rand(xi.shape, generator=generator, device=xi.device, dtype=torch.float32)
+        return u < fraction(density[i])
+
+    return _sparsify(x, density, masker, rescale=rescale, norm=norm)
+
+
+def rank_magnitude_probs(x: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA keep probabilities of one tensor, from magnitude ranks along dim 1 (mergekit).
+
+    1-D tensors are one row. Within each row the smallest magnitude gets ``density - epsilon``, the
+    largest ``density + epsilon``, linear in rank between; a row of length 1 gets ``density``.
+    """
+    t = x.reshape(1, -1) if x.dim() < 2 else x
+    m = t.shape[1]
+    if m < 2:
+        return torch.full_like(x, density, dtype=torch.float32)
+    order = t.abs().argsort(dim=1, stable=True)  # (rows, m, ...)
+    view = [1, m] + [1] * (t.dim() - 2)
+    ranks = torch.arange(m, device=t.device, dtype=torch.float32).reshape(view).expand(order.shape)
+    rank = torch.empty(order.shape, device=t.device, dtype=torch.float32).scatter_(1, order, ranks)
+    probs = rank.div_(m - 1).mul_(2.0 * epsilon).add_(density - epsilon)
+    return probs.reshape(x.shape)
+
+
+def sparsify_rank_magnitude(
+    x: Tensor,
+    density: Tensor,
+    epsilon: Tensor,
+    *,
+    rescale: bool,
+    generator: torch.Generator | None,
+    norm: RescaleNorm = "l1",
+) -> Tensor:
+    """DELLA MagPrune (Deep et al. 2024): drop entries at random, larger magnitudes kept more often."""
+
+    def masker(i: int, xi: Tensor) -> Tensor:
+        probs = rank_magnitude_probs(xi, fraction(density[i]), fraction(epsilon[i]))
+        return torch.rand(xi.shape, generator=generator, device=xi.device, dtype=torch.float32) < probs
+
+    return _sparsify(x, density, masker, rescale=rescale, norm=norm)
 
 
 def elect_sign(x: Tensor, method: SignMethod = "sum") -> Tensor:
@@ -93,22 +268,35 @@ def elect_sign(x: Tensor, method: SignMethod = "sum") -> Tensor:
     ``sum`` elects the sign of the summed (weighted) values, ``count`` the majority sign by vote;
     a tie elects ``+``. Zero entries never agree.
     """
-    sign = x.sign()
-    total = x.sum(dim=0) if method == "sum" else sign.sum(dim=0)
-    elected = torch.where(total >= 0, 1.0, -1.0).to(x.dtype)
-    return sign == elected
+    if method == "sum":
+        positive = x.sum(dim=0) >= 0  # (*shape)
+    else:
+        positive = torch.count_nonzero(x > 0, dim=0) >= torch.count_nonzero(x < 0, dim=0)
+    return torch.where(positive, x > 0, x < 0)
+
+
+def masked_sums(x: Tensor, mask: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(sum_i mask_i * x_i, sum_i mask_i * w_i)`` over models, each ``(*shape)``.
+
+    Loops over models so no ``(n, *shape)`` temporary is made; without ``weights`` the second
+    term counts the kept models.
+    """
+    num = torch.zeros_like(x[0])
+    den = torch.zeros_like(x[0])
+    for i in range(x.shape[0]):
+        num.add_(torch.where(mask[i], x[i], 0.0))
+        den.add_(mask[i], alpha=1.0 if weights is None else float(weights[i]))
+    return num, den
 
 
 def disjoint_mean(x: Tensor, mask: Tensor, weights: Tensor | None = None) -> Tensor:
     """Mean of the masked entries of ``x`` over models (0 where none is kept).
 
-    With ``weights`` the divisor is the sum of the kept models' weights (mergekit's normalisation).
+    With ``weights`` the divisor is the sum of the kept models' weights (mergekit's normalisation);
+    a zero divisor counts as 1.
     """
-    m = mask.to(x.dtype)
-    num = (x * m).sum(dim=0)
-    den = m.sum(dim=0) if weights is None else (expand_like(weights, x) * m).sum(dim=0)
-    den = torch.where(den == 0, torch.ones_like(den), den)
-    return num / den
+    num, den = masked_sums(x, mask, weights)
+    return num / torch.where(den == 0, 1.0, den)
 
 
 def generator_for(seed: int, tensor_name: str, device: str | torch.device = "cpu") -> torch.Generator:

@@ -26,7 +26,7 @@ names a module that calls :func:`register_method` on import.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Literal, Protocol
@@ -42,6 +42,7 @@ __all__ = [
     "MethodInfo",
     "ModelWeight",
     "NoParams",
+    "Prepare",
     "Registry",
     "get_method",
     "list_methods",
@@ -64,6 +65,19 @@ class MergeFn(Protocol):
         base: Tensor | None,
         generator: torch.Generator | None,
     ) -> Tensor: ...
+
+
+class Prepare(Protocol):
+    """Whole-model statistics pass of a ``scope="model"`` method.
+
+    ``deltas()`` yields, for every tensor of the model, ``(name, x)`` with ``x`` as the method's ``fn``
+    receives it (``(n_models, *shape)``); it may be called several times (each call streams the
+    checkpoints again). Returns extra per-model entries merged into every tensor's ``per_model``.
+    """
+
+    def __call__(
+        self, params: Any, per_model: Mapping[str, Tensor], deltas: Callable[[], Iterator[tuple[str, Tensor]]]
+    ) -> dict[str, Tensor]: ...
 
 
 class NoParams(BaseModel):
@@ -96,6 +110,13 @@ class MethodInfo:
     scope: Scope = "tensor"
     grid: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     summary: str = ""
+    optional_base: bool = False
+    prepare: Prepare | None = None
+
+    @property
+    def uses_base(self) -> bool:
+        """Whether the base model is an input of its own (then it is not one of the merged models)."""
+        return self.needs_base or self.optional_base
 
     def param_schema(self) -> dict[str, dict[str, Any]]:
         """name -> {type, default, scope} for global and per-model parameters."""
@@ -184,12 +205,16 @@ def register_method(
     random: bool = False,
     scope: Scope = "tensor",
     grid: Mapping[str, tuple[Any, ...]] | None = None,
+    optional_base: bool = False,
+    prepare: Prepare | None = None,
     registry: Registry | None = None,
 ) -> Callable[[MergeFn], MergeFn]:
     """Decorator: register ``fn`` as merge method ``name`` (see the module docstring).
 
     ``grid`` is the documented hyperparameter grid the benchmark searches on validation data,
     keyed by parameter name as written in a config (per-model names set every model's value).
+    ``optional_base``: the method uses a base when one is given (then, like with ``needs_base``,
+    the base is not one of the merged models). ``prepare``: see :class:`Prepare` (``scope="model"``).
     """
     if "weight" not in model_params.model_fields:
         raise ValueError(f"{name}: model_params must define 'weight'")
@@ -211,6 +236,8 @@ def register_method(
                 scope=scope,
                 grid=dict(grid or {}),
                 summary=doc[0] if doc else "",
+                optional_base=optional_base,
+                prepare=prepare,
             )
         )
         return fn

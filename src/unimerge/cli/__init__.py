@@ -1,0 +1,153 @@
+"""The ``unimerge`` command: a thin layer over the library (merge | validate | methods | bench)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from unimerge.errors import UnimergeError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Merge fine-tuned models into one.")
+_err = Console(stderr=True)
+_out = Console()
+T = TypeVar("T")
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    """Run ``fn``; a bad-input error becomes one paragraph on stderr and exit code 2 (no traceback)."""
+    try:
+        return fn()
+    except UnimergeError as err:
+        _err.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except (KeyboardInterrupt, MemoryError) as err:
+        _err.print(f"[bold red]error:[/] interrupted ({type(err).__name__}); nothing was written to the output.")
+        raise typer.Exit(130 if isinstance(err, KeyboardInterrupt) else 3) from None
+    except Exception as err:  # noqa: BLE001 - a bug, not bad input: one line unless UNIMERGE_DEBUG is set
+        if os.environ.get("UNIMERGE_DEBUG"):
+            raise
+        _err.print(f"[bold red]internal error:[/] {type(err).__name__}: {err}. Nothing was written to the output. "
+                   "Re-run with UNIMERGE_DEBUG=1 for a traceback and report it.", highlight=False)
+        raise typer.Exit(3) from None
+
+
+def _size(text: str) -> int:
+    from unimerge.io.writer import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+@app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(help="unimerge or mergekit YAML config.")],
+    output_dir: Annotated[Path, typer.Argument(help="Folder to write the merged model to.")],
+    threads: Annotated[int, typer.Option(min=1, max=256, help="Worker threads.")] = 2,
+    device: Annotated[str, typer.Option(help="cpu or cuda (compute device).")] = "cpu",
+    out_shard_size: Annotated[str, typer.Option(help="Max bytes per output shard, e.g. 2GB, 500MB.")] = "2GB",
+    seed: Annotated[int | None, typer.Option(min=0, help="Seed for random methods (overrides the config).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT_DIR if it exists.")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Read pytorch_model.bin pickles (weights_only=True).")
+    ] = False,
+) -> None:
+    """Merge the models in CONFIG and write a Hugging Face folder to OUTPUT_DIR."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from unimerge.execute import RunOptions, plan_config, run_plan
+
+    opts = RunOptions(threads=threads, device=device, out_shard_size=_size(out_shard_size), force=force,
+                      seed=seed, allow_pickle=allow_pickle)
+
+    def run() -> Any:
+        plan = plan_config(config, output_dir, allow_pickle=allow_pickle)
+        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=_err, transient=True) as bar:
+            task = bar.add_task(f"merging ({plan.method.name})", total=len(plan.jobs))
+            return run_plan(plan, output_dir, opts, lambda done, total: bar.update(task, completed=done))
+
+    result = _guard(run)
+    for w in result.warnings:
+        _err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    _out.print(f"wrote {result.tensors} tensors ({_fmt_bytes(result.bytes_written)}) to {result.out_dir} "
+               f"in {result.seconds:.1f} s")
+
+
+@app.command()
+def validate(
+    config: Annotated[Path, typer.Argument(help="unimerge or mergekit YAML config.")],
+    output_dir: Annotated[Path, typer.Argument(help="Planned output folder (checked, not written).")] = Path(
+        "merged"
+    ),
+    threads: Annotated[int, typer.Option(min=1, max=256)] = 2,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle")] = False,
+) -> None:
+    """Check CONFIG against the inputs' headers without reading tensor data; print a summary."""
+    from unimerge.execute import plan_config
+
+    plan = _guard(lambda: plan_config(config, output_dir, allow_pickle=allow_pickle))
+    s = plan.summary(threads)
+    table = Table(title=f"{config}: OK", show_header=False)
+    table.add_row("method", f"{plan.method.name} ({plan.method.family})")
+    for ck in plan.checkpoints:
+        table.add_row("base" if plan.base is not None and ck is plan.checkpoints[plan.base] else "model", ck.ref)
+    table.add_row("tensors", str(s["tensors"]))
+    table.add_row("bytes to read", _fmt_bytes(s["bytes_read"]))
+    table.add_row("bytes to write", _fmt_bytes(s["bytes_written"]))
+    table.add_row(f"peak memory (est., {threads} threads)", _fmt_bytes(s["peak_memory"]))
+    _out.print(table)
+
+
+@app.command()
+def methods(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+    family: Annotated[str | None, typer.Option(help="Only this family.")] = None,
+) -> None:
+    """List the registered merge methods."""
+    from unimerge.methods import list_methods
+
+    infos = list_methods(family=family)
+    if as_json:
+        sys.stdout.write(json.dumps([m.to_json() for m in infos], indent=2, default=str) + "\n")
+        return
+    table = Table(title=f"{len(infos)} merge methods")
+    for col in ("name", "family", "base", "data", "parameters", "summary"):
+        table.add_column(col)
+    for m in infos:
+        params = ", ".join(f"{k}={v['default']}" for k, v in m.param_schema().items())
+        table.add_row(m.name, m.family, "yes" if m.needs_base else "", m.data, params, m.summary)
+    _out.print(table)
+
+
+def _register_bench() -> None:
+    from unimerge.cli.bench import bench
+
+    app.command("bench")(bench)
+
+
+_register_bench()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,260 @@
+"""Running a plan: stream jobs through a thread pool into a sharded, atomic writer.
+
+Memory is bounded by the tensors in flight (``2 * threads`` jobs), never by model size: each job
+reads its inputs, merges, casts and writes its bytes at their planned offset. Random methods get a
+generator seeded from ``(seed, tensor name)``, so output does not depend on the thread count.
+Methods with ``scope="model"`` first run their statistics pass (``MethodInfo.prepare``), which
+streams the inputs again, before the merge pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import BaseModel
+from torch import Tensor
+
+from unimerge.config import MergeConfig, load_config, parse_config
+from unimerge.core import merge_tensor, stack_per_model
+from unimerge.errors import ConfigError, MergeError
+from unimerge.io.checkpoint import sha256_file
+from unimerge.io.writer import OutTensor, ShardedWriter, copy_model_files
+from unimerge.methods import MethodInfo
+from unimerge.methods._primitives import generator_for
+from unimerge.modelcard import model_card
+from unimerge.plan import MergePlan, TensorJob, make_plan
+
+__all__ = ["MergeResult", "RunOptions", "merge_model_scope", "plan_config", "run_merge", "run_plan"]
+
+log = logging.getLogger("unimerge")
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run a merge (not what to merge)."""
+
+    threads: int = 2
+    device: str = "cpu"
+    out_shard_size: int = 2_000_000_000
+    force: bool = False
+    seed: int | None = None  # overrides the config's seed
+    allow_pickle: bool = False
+
+
+@dataclass
+class MergeResult:
+    """What a merge did."""
+
+    out_dir: Path
+    tensors: int
+    bytes_written: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def _device(name: str) -> torch.device:
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but this machine has no CUDA device; use --device cpu.")
+    return dev
+
+
+def _as_config(config: MergeConfig | str | Path | Mapping[str, Any]) -> tuple[MergeConfig, Path | None]:
+    if isinstance(config, MergeConfig):
+        return config, None
+    if isinstance(config, (str, Path)):
+        return load_config(config), Path(config).resolve().parent
+    return parse_config(dict(config)), None
+
+
+def plan_config(config: MergeConfig | str | Path | Mapping[str, Any], out_dir: str | Path,
+                *, allow_pickle: bool = False) -> MergePlan:
+    """Validate a config and plan it against the inputs' headers (no tensor data is read)."""
+    cfg, cdir = _as_config(config)
+    return make_plan(cfg, Path(out_dir), config_dir=cdir, allow_pickle=allow_pickle)
+
+
+class _Runner:
+    """Reads, merges and writes jobs; shared by the statistics and merge passes."""
+
+    def __init__(self, plan: MergePlan, device: torch.device, seed: int) -> None:
+        self.plan, self.device, self.seed = plan, device, seed
+        self.warnings: list[str] = []
+        self._stacked: dict[int, dict[str, Tensor]] = {}
+        self.extra: dict[str, Tensor] = {}
+
+    def per_model(self, job: TensorJob) -> dict[str, Tensor]:
+        key = id(job.per_model)
+        if key not in self._stacked:
+            self._stacked[key] = stack_per_model(job.per_model, self.device)
+        return {**self._stacked[key], **self.extra}
+
+    def _read(self, model: int, name: str) -> Tensor:
+        t = self.plan.checkpoints[model].read(name)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            msg = f"{self.plan.checkpoints[model].ref}: tensor {name!r} contains NaN or Inf values"
+            self.warnings.append(msg)
+            log.warning(msg)
+        return t
+
+    def inputs(self, job: TensorJob) -> tuple[list[Tensor], Tensor | None]:
+        tensors = [self._read(s.model, s.name) for s in job.sources]
+        base = self._read(job.base.model, job.base.name) if job.base is not None else None
+        return tensors, base
+
+    def merge(self, job: TensorJob) -> Tensor:
+        tensors, base = self.inputs(job)
+        info = self.plan.method
+        g = generator_for(self.seed, job.name, self.device) if info.random else None
+        out = merge_tensor(info, tensors, base, job.params, self.per_model(job), generator=g, device=self.device)
+        if tuple(out.shape) != job.shape:
+            raise MergeError(f"Method {info.name!r} returned shape {list(out.shape)} for tensor {job.name!r}, "
+                             f"expected {list(job.shape)}.")
+        return out.to(job.dtype)
+
+    def deltas(self) -> Iterator[tuple[str, Tensor]]:
+        """Every job's stacked input as the method's ``fn`` sees it (statistics pass)."""
+        for job in self.plan.jobs:
+            tensors, base = self.inputs(job)
+            if not tensors[0].is_floating_point():
+                continue
+            x = torch.stack([t.to(self.device, torch.float32) for t in tensors])
+            if self.plan.method.inputs == "deltas" and base is not None:
+                x = x - base.to(self.device, torch.float32)
+            yield job.name, x
+
+
+def _run_pool(jobs: Sequence[TensorJob], fn: Callable[[TensorJob], None], threads: int,
+              progress: Progress | None) -> None:
+    """Run ``fn`` over jobs with at most ``2 * threads`` in flight; the first error stops the run."""
+    done = 0
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="unimerge") as pool:
+        pending: set[Future[None]] = set()
+        try:
+            for job in jobs:
+                while len(pending) >= 2 * max(1, threads):
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        f.result()
+                        done += 1
+                        if progress:
+                            progress(done, len(jobs))
+                pending.add(pool.submit(fn, job))
+            for f in wait(pending).done:
+                f.result()
+                done += 1
+            if progress:
+                progress(done, len(jobs))
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def _hash_inputs(plan: MergePlan, pool: ThreadPoolExecutor) -> dict[str, Future[str]]:
+    files = sorted({str(f) for ck in plan.checkpoints for f in ck.files()})
+    return {f: pool.submit(sha256_file, Path(f)) for f in files}
+
+
+def _write_metadata(plan: MergePlan, writer: ShardedWriter, hashes: Mapping[str, str]) -> None:
+    copied = copy_model_files(plan.meta_root, writer)
+    if plan.tokenizer_root != plan.meta_root:
+        for name in copy_model_files(plan.tokenizer_root, _TokenizerOnly(writer)):
+            copied.append(name)
+    if "config.json" in copied and (plan.num_layers_out or plan.config.out_dtype or plan.config.dtype):
+        import json
+
+        cfg = json.loads((plan.meta_root / "config.json").read_text(encoding="utf-8"))
+        if plan.num_layers_out:
+            cfg["num_hidden_layers"] = plan.num_layers_out
+        if plan.config.out_dtype or plan.config.dtype:
+            cfg["torch_dtype"] = plan.config.out_dtype or plan.config.dtype
+        writer.write_text("config.json", json.dumps(cfg, indent=2) + "\n")
+    dump = plan.config.model_dump(exclude_none=True, exclude_defaults=True)
+    dump["merge_method"] = plan.config.merge_method
+    writer.write_text("unimerge_config.yaml", yaml.safe_dump(dump, sort_keys=False))
+    writer.write_text("README.md", model_card(plan, hashes))
+
+
+class _TokenizerOnly:
+    """Lets ``copy_model_files`` copy tokenizer files from a second folder, never its config."""
+
+    def __init__(self, writer: ShardedWriter) -> None:
+        self._w = writer
+
+    def copy_file(self, src: Path, relpath: str | None = None) -> None:
+        if src.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens")):
+            self._w.copy_file(src, relpath)
+
+
+def run_plan(plan: MergePlan, out_dir: str | Path, options: RunOptions = RunOptions(),
+             progress: Progress | None = None) -> MergeResult:
+    """Execute a plan; the output appears at ``out_dir`` only when complete."""
+    start = time.perf_counter()
+    device = _device(options.device)
+    seed = plan.config.seed if options.seed is None else options.seed
+    runner = _Runner(plan, device, seed)
+    outs = [OutTensor(j.name, j.shape, j.dtype) for j in plan.jobs]
+    meta = {"unimerge_method": plan.method.name}
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unimerge-sha")
+    try:
+        with ShardedWriter(Path(out_dir), outs, max_shard_bytes=options.out_shard_size, force=options.force,
+                           metadata=meta) as writer:
+            hashes = _hash_inputs(plan, hasher)
+            if plan.method.prepare is not None and plan.jobs:
+                job0 = plan.jobs[0]
+                runner.extra = plan.method.prepare(job0.params, runner.per_model(job0), runner.deltas)
+            _run_pool(plan.jobs, lambda job: writer.write(job.name, runner.merge(job)), options.threads, progress)
+            _write_metadata(plan, writer, {f: h.result() for f, h in hashes.items()})
+            writer.commit()
+    finally:
+        hasher.shutdown(wait=False, cancel_futures=True)
+        for ck in plan.checkpoints:
+            ck.close()
+    written = sum(o.nbytes for o in outs)
+    return MergeResult(Path(out_dir), len(outs), written, time.perf_counter() - start, runner.warnings)
+
+
+def run_merge(config: MergeConfig | str | Path | Mapping[str, Any], out_dir: str | Path,
+              options: RunOptions = RunOptions(), progress: Progress | None = None) -> MergeResult:
+    """Plan and run a merge config (a path to YAML, a mapping, or a :class:`MergeConfig`).
+
+    Example:
+        >>> run_merge("ties.yaml", "out/", RunOptions(threads=4))
+    """
+    plan = plan_config(config, out_dir, allow_pickle=options.allow_pickle)
+    return run_plan(plan, out_dir, options, progress)
+
+
+def merge_model_scope(info: MethodInfo, experts: Sequence[Mapping[str, Tensor]], base: Mapping[str, Tensor] | None,
+                      params: BaseModel, models: Sequence[BaseModel], *, seed: int,
+                      device: torch.device | str) -> dict[str, Tensor]:
+    """In-memory counterpart of the two-pass engine for ``scope="model"`` methods."""
+    stacked = stack_per_model(models, device)
+    names = [n for n in experts[0] if experts[0][n].is_floating_point()]
+
+    def deltas() -> Iterator[tuple[str, Tensor]]:
+        for n in names:
+            x = torch.stack([sd[n].to(device, torch.float32) for sd in experts])
+            if info.inputs == "deltas" and base is not None:
+                x = x - base[n].to(device, torch.float32)
+            yield n, x
+
+    extra = info.prepare(params, stacked, deltas) if info.prepare is not None else {}
+    per_model = {**stacked, **extra}
+    out = {}
+    for n in experts[0]:
+        ref = base[n] if base is not None else experts[0][n]
+        g = generator_for(seed, n, device) if info.random else None
+        b = None if base is None else base[n]
+        merged = merge_tensor(info, [sd[n] for sd in experts], b, params, per_model, generator=g, device=device)
+        out[n] = merged.to(dtype=ref.dtype, device="cpu")
+    return out

@@ -1,0 +1,466 @@
+"""Lazy, checked readers for model checkpoints.
+
+:func:`open_checkpoint` turns what a user wrote (a Hugging Face folder, one ``.safetensors`` file, a
+sharded folder with ``model.safetensors.index.json``, mergekit's ``BASE+ADAPTER`` syntax, or - only
+when asked - a pickled ``pytorch_model.bin``) into a :class:`Checkpoint`: names, shapes and dtypes
+come from the file headers alone; tensor data is read one tensor at a time by :meth:`Checkpoint.read`.
+
+Safetensors headers are parsed and checked here before ``safetensors.safe_open`` sees the file
+(format: https://github.com/huggingface/safetensors#format), so a corrupt or truncated download fails
+with a message naming the file, the tensor and the fix rather than a panic deep inside a merge.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import math
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from unimerge.errors import CheckpointError
+
+__all__ = [
+    "SAFETENSORS_DTYPES",
+    "Checkpoint",
+    "PickleCheckpoint",
+    "SafetensorsCheckpoint",
+    "TensorMeta",
+    "open_checkpoint",
+    "read_safetensors_header",
+    "resolve_inside",
+    "sha256_file",
+]
+
+# safetensors dtype code -> torch dtype (those this torch build has).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    code: getattr(torch, attr)
+    for code, attr in [
+        ("BOOL", "bool"),
+        ("U8", "uint8"),
+        ("I8", "int8"),
+        ("I16", "int16"),
+        ("U16", "uint16"),
+        ("I32", "int32"),
+        ("U32", "uint32"),
+        ("I64", "int64"),
+        ("U64", "uint64"),
+        ("F16", "float16"),
+        ("BF16", "bfloat16"),
+        ("F32", "float32"),
+        ("F64", "float64"),
+        ("F8_E4M3", "float8_e4m3fn"),
+        ("F8_E5M2", "float8_e5m2"),
+        ("C64", "complex64"),
+    ]
+    if hasattr(torch, attr)
+}
+_MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+_FIX = "re-download or re-save the file"
+_EXPECTED = (
+    "model.safetensors, sharded model-*.safetensors with model.safetensors.index.json, "
+    "or (with --allow-pickle) pytorch_model.bin"
+)
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What the headers say about one tensor; no data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path  # file holding the data (for LoRA-materialised tensors: the base's file)
+    nbytes: int
+
+
+def _bad(path: Path, what: str, tensor: str | None = None) -> CheckpointError:
+    where = f"{path}" + (f", tensor {tensor!r}" if tensor else "")
+    return CheckpointError(f"Corrupt safetensors file {where}: {what}. The file is damaged; {_FIX}.")
+
+
+def _check_entry(path: Path, name: str, entry: Any) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """Validate one header entry; returns (dtype, shape, begin, end)."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise _bad(path, "header entry lacks dtype/shape/data_offsets", name)
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if code not in SAFETENSORS_DTYPES:
+        known = ", ".join(SAFETENSORS_DTYPES)
+        raise _bad(path, f"unknown dtype {code!r} (known: {known})", name)
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise _bad(path, f"shape {shape!r} is not a list of non-negative integers", name)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise _bad(path, f"data_offsets {offsets!r} is not a pair of integers", name)
+    begin, end = offsets
+    dtype = SAFETENSORS_DTYPES[code]
+    expected = math.prod(shape) * dtype.itemsize
+    if begin < 0 or end - begin != expected:
+        raise _bad(
+            path,
+            f"data_offsets {offsets} hold {end - begin} bytes but shape {shape} {code} needs {expected}",
+            name,
+        )
+    return dtype, tuple(shape), begin, end
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[str, str]]:
+    """Parse and check a safetensors header without trusting it.
+
+    Checks the 8-byte little-endian length, the JSON, every dtype, that each tensor's byte range
+    matches ``shape * itemsize``, that ranges are contiguous, and that the file holds exactly the
+    bytes the header claims.
+
+    Args:
+        path: A ``.safetensors`` file.
+
+    Returns:
+        ``(name -> TensorMeta in header order, __metadata__ dict)``.
+
+    Raises:
+        CheckpointError: naming the file (and tensor) and the fix.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise _bad(path, f"file is {size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > _MAX_HEADER_BYTES or 8 + n > size:
+                raise _bad(path, f"header length {n} runs past the end of the {size}-byte file")
+            raw = fh.read(n)
+    except OSError as err:
+        raise CheckpointError(f"Cannot read {path}: {err.strerror or err}.") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _bad(path, f"header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise _bad(path, "header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _bad(path, "__metadata__ is not a mapping of strings")
+    entries = {name: _check_entry(path, name, e) for name, e in header.items()}
+    metas, pos = {}, 0
+    for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2:]):
+        if begin != pos:
+            raise _bad(path, f"data_offsets start at {begin}, expected {pos} (gap or overlap)", name)
+        pos = end
+        metas[name] = TensorMeta(name, shape, dtype, path, end - begin)
+    data = size - 8 - n
+    if pos > data:
+        raise _bad(
+            path, f"header claims {pos} bytes of tensor data but the file holds {data}: it is truncated"
+        )
+    if pos < data:
+        raise _bad(path, f"file has {data - pos} bytes after the last tensor")
+    return {name: metas[name] for name in header}, metadata
+
+
+def resolve_inside(folder: Path, rel: str, what: str) -> Path:
+    """``folder / rel`` if that stays inside ``folder``, else :class:`CheckpointError`."""
+    p = Path(rel)
+    if not rel or p.is_absolute() or ".." in p.parts:
+        raise CheckpointError(
+            f"{what} names {rel!r}, a path outside {folder}. Only files inside the checkpoint folder are "
+            "read; fix the file or re-download the checkpoint."
+        )
+    return folder / p
+
+
+class Checkpoint(abc.ABC):
+    """A lazy view of one model's tensors; reads are thread-safe; only headers until :meth:`read`."""
+
+    def __init__(self, ref: str, root: Path, metas: dict[str, TensorMeta]) -> None:
+        self.ref = ref  # what the user wrote
+        self.root = root  # folder with config.json / tokenizer (single file: its parent)
+        self._metas = metas
+
+    def tensors(self) -> dict[str, TensorMeta]:
+        """Name -> :class:`TensorMeta`, from headers only."""
+        return dict(self._metas)
+
+    def files(self) -> list[Path]:
+        """The data files, sorted (for sha256 sums in the model card)."""
+        return sorted({m.file for m in self._metas.values()})
+
+    def _meta(self, name: str) -> TensorMeta:
+        try:
+            return self._metas[name]
+        except KeyError:
+            raise CheckpointError(
+                f"{self.ref} has no tensor {name!r} ({len(self._metas)} tensors)."
+            ) from None
+
+    @abc.abstractmethod
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor on CPU, in its stored dtype."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release open files; :meth:`read` may not be called afterwards."""
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.ref!r}, {len(self._metas)} tensors)"
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """One or more safetensors files; each thread gets its own ``safe_open`` handle per file."""
+
+    def __init__(self, ref: str, root: Path, metas: dict[str, TensorMeta]) -> None:
+        super().__init__(ref, root, metas)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._handle_maps: list[dict[Path, Any]] = []
+        self._closed = False
+
+    def _handle(self, file: Path) -> Any:
+        handles = getattr(self._local, "handles", None)
+        if handles is None:
+            handles = self._local.handles = {}
+            with self._lock:
+                self._handle_maps.append(handles)
+        if file not in handles:
+            try:
+                handles[file] = safe_open(str(file), framework="pt")
+            except Exception as err:  # safetensors raises its own SafetensorError
+                raise CheckpointError(f"Cannot open {file}: {err}. {_FIX.capitalize()}.") from None
+        return handles[file]
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor on CPU, in its stored dtype."""
+        meta = self._meta(name)
+        if self._closed:
+            raise CheckpointError(f"{self.ref} was closed; reopen it to read {name!r}.")
+        try:
+            return self._handle(meta.file).get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as err:
+            raise CheckpointError(
+                f"Cannot read tensor {name!r} from {meta.file}: {err}. {_FIX.capitalize()}."
+            ) from None
+
+    def close(self) -> None:
+        """Drop every thread's file handles."""
+        self._closed = True
+        with self._lock:
+            for handles in self._handle_maps:
+                handles.clear()
+            self._handle_maps.clear()
+
+
+class PickleCheckpoint(Checkpoint):
+    """``pytorch_model*.bin`` files, loaded with ``torch.load(weights_only=True, mmap=True)``."""
+
+    def __init__(
+        self, ref: str, root: Path, state: dict[str, torch.Tensor], metas: dict[str, TensorMeta]
+    ) -> None:
+        super().__init__(ref, root, metas)
+        self._state = state
+
+    @classmethod
+    def load(cls, ref: str, root: Path, files: list[Path]) -> PickleCheckpoint:
+        """Load (memory-mapped) every file; tensors are paged in only when read."""
+        state: dict[str, torch.Tensor] = {}
+        metas: dict[str, TensorMeta] = {}
+        for file in files:
+            for name, t in _torch_load(file).items():
+                if name in state:
+                    raise CheckpointError(f"Tensor {name!r} appears in two files of {ref} (second: {file}).")
+                state[name] = t
+                metas[name] = TensorMeta(name, tuple(t.shape), t.dtype, file, t.numel() * t.element_size())
+        return cls(ref, root, state, metas)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor on CPU, in its stored dtype (a copy, detached from the memory map)."""
+        self._meta(name)
+        if not self._state:
+            raise CheckpointError(f"{self.ref} was closed; reopen it to read {name!r}.")
+        return self._state[name].clone()
+
+    def close(self) -> None:
+        """Drop the memory-mapped state dicts."""
+        self._state = {}
+
+
+def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"Cannot load {file} with torch.load(weights_only=True): {err}. Only plain tensor state dicts "
+            "saved by torch >= 1.6 are read; convert it to safetensors."
+        ) from None
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()
+    ):
+        raise CheckpointError(
+            f"{file} does not hold a flat name -> tensor state dict; convert it to safetensors."
+        )
+    return obj
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(4 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_index(index_path: Path) -> dict[str, Path]:
+    """Tensor name -> shard path from a ``*.index.json``, every shard inside the folder and present."""
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"Cannot parse {index_path}: {err}. Re-download the checkpoint.") from None
+    wmap = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+        raise CheckpointError(
+            f"{index_path} has no 'weight_map' of tensor name -> shard file; re-download it."
+        )
+    folder = index_path.parent
+    out = {name: resolve_inside(folder, rel, f"{index_path} (tensor {name!r})") for name, rel in wmap.items()}
+    for name, shard in out.items():
+        if not shard.is_file():
+            raise CheckpointError(
+                f"{index_path} maps tensor {name!r} to {shard.name}, which is missing from {folder}. "
+                "The download is incomplete; re-download the checkpoint."
+            )
+    return out
+
+
+def _safetensors_metas(files: list[Path], index: dict[str, Path] | None) -> dict[str, TensorMeta]:
+    metas: dict[str, TensorMeta] = {}
+    for file in files:
+        for name, meta in read_safetensors_header(file)[0].items():
+            if index is not None and index.get(name) != file:
+                continue
+            if name in metas:
+                raise CheckpointError(f"Tensor {name!r} appears in both {metas[name].file} and {file}.")
+            metas[name] = meta
+    for name, shard in (index or {}).items():
+        if name not in metas:
+            raise CheckpointError(
+                f"The index maps {name!r} to {shard}, but that file has no such tensor; re-download it."
+            )
+    return metas
+
+
+def _open_folder(ref: str, folder: Path, allow_pickle: bool) -> Checkpoint:
+    st_index = folder / "model.safetensors.index.json"
+    if st_index.is_file():
+        index = _read_index(st_index)
+        files = sorted(set(index.values()))
+        return SafetensorsCheckpoint(ref, folder, _safetensors_metas(files, index))
+    single = folder / "model.safetensors"
+    files = [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
+    files = [f for f in files if f.name != "adapter_model.safetensors"]
+    if files:
+        return SafetensorsCheckpoint(ref, folder, _safetensors_metas(files, None))
+    bin_index = folder / "pytorch_model.bin.index.json"
+    if bin_index.is_file() or (folder / "pytorch_model.bin").is_file():
+        files = (
+            sorted(set(_read_index(bin_index).values()))
+            if bin_index.is_file()
+            else [folder / "pytorch_model.bin"]
+        )
+        return _open_pickle(ref, folder, files, allow_pickle)
+    if (folder / "adapter_config.json").is_file():
+        raise CheckpointError(
+            f"{folder} is a PEFT adapter, not a full model. Merge it onto its base with the BASE+ADAPTER "
+            f"syntax, e.g. `path/to/base+{ref}`."
+        )
+    present = ", ".join(sorted(p.name for p in folder.iterdir())[:10]) or "nothing"
+    raise CheckpointError(f"No model weights in {folder} (it holds: {present}). Expected {_EXPECTED}.")
+
+
+def _open_pickle(ref: str, root: Path, files: list[Path], allow_pickle: bool) -> Checkpoint:
+    if not allow_pickle:
+        names = ", ".join(f.name for f in files[:3])
+        raise CheckpointError(
+            f"{ref} stores its weights as pickle ({names}). Unpickling can run arbitrary code, so it is off by "
+            "default: pass --allow-pickle (allow_pickle=True) if you trust this file, or convert it to "
+            "safetensors. It is then loaded with torch.load(weights_only=True)."
+        )
+    return PickleCheckpoint.load(ref, root, files)
+
+
+def _open_path(ref: str, path: Path, allow_pickle: bool) -> Checkpoint:
+    if path.is_dir():
+        return _open_folder(ref, path, allow_pickle)
+    if path.name.endswith(".index.json"):
+        return _open_folder(ref, path.parent, allow_pickle)
+    if path.suffix == ".safetensors":
+        return SafetensorsCheckpoint(ref, path.parent, _safetensors_metas([path], None))
+    if path.suffix in {".bin", ".pt", ".pth"}:
+        return _open_pickle(ref, path.parent, [path], allow_pickle)
+    raise CheckpointError(
+        f"{path} is not a checkpoint. Expected a folder with {_EXPECTED}, or a .safetensors file."
+    )
+
+
+def _hub_cache(ref: str) -> Path | None:
+    """The cached snapshot of a Hugging Face repo id, if ``huggingface_hub`` has one locally."""
+    if ref.count("/") != 1 or ref.startswith((".", "/")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, local_files_only=True))
+    except Exception:  # not installed, not cached, or not a repo id
+        return None
+
+
+def open_checkpoint(ref: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
+    """Open a checkpoint lazily (headers only).
+
+    Args:
+        ref: A folder (``model.safetensors``, or shards with ``model.safetensors.index.json``), a
+            ``.safetensors`` file, ``BASE+ADAPTER`` (a PEFT LoRA folder materialised onto BASE), a
+            ``pytorch_model.bin`` folder or file, or a Hugging Face repo id already in the local cache.
+        allow_pickle: Permit pickled ``.bin`` weights (unpickling can run code).
+
+    Raises:
+        CheckpointError: The path is missing, holds no weights, or a file is corrupt or unsafe.
+    """
+    text = str(ref)
+    path = Path(text).expanduser()
+    if path.exists():
+        return _open_path(text, path, allow_pickle)
+    if "+" in text:
+        from unimerge.io.adapters import open_lora_checkpoint
+
+        for i in (i for i, ch in enumerate(text) if ch == "+"):
+            base, adapter = Path(text[:i]).expanduser(), Path(text[i + 1 :]).expanduser()
+            if base.exists() and adapter.exists():
+                return open_lora_checkpoint(
+                    text, _open_path(text[:i], base, allow_pickle), adapter, allow_pickle
+                )
+        raise CheckpointError(
+            f"{text!r} looks like BASE+ADAPTER, but no split of it names two existing paths. "
+            "Check both paths (the adapter is a PEFT folder with adapter_config.json)."
+        )
+    cached = _hub_cache(text)
+    if cached is not None:
+        return _open_path(text, cached, allow_pickle)
+    raise CheckpointError(
+        f"Checkpoint {text!r} not found: no such file or folder (nor a cached Hugging Face repo). "
+        f"Give a local folder with {_EXPECTED}; download hub models first, e.g. `huggingface-cli download {text}`."
+    )

@@ -1,0 +1,419 @@
+"""Sharded, atomic safetensors output.
+
+:class:`ShardedWriter` lays the planned tensors out into size-bounded shards, writes every shard's
+safetensors header first (https://github.com/huggingface/safetensors#format), then lets any number of
+threads put each tensor's bytes at its offset with ``os.pwrite``, so no shard is ever held in memory.
+Everything goes to a temporary folder next to the output; :meth:`ShardedWriter.commit` checks that
+every tensor arrived, fsyncs, and renames the folder into place, so a failed merge leaves nothing.
+The shard and index names follow Hugging Face ``save_pretrained`` (``model-00001-of-00003.safetensors``
+plus ``model.safetensors.index.json``), as mergekit's ``io/tensor_writer.py`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from unimerge.errors import MergeError
+from unimerge.io.checkpoint import SAFETENSORS_DTYPES
+
+__all__ = ["MODEL_FILES", "OutTensor", "ShardedWriter", "copy_model_files", "parse_size"]
+
+_DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+INDEX_NAME = "model.safetensors.index.json"
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One planned output tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of data (shape product times item size)."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class _Slot:
+    shard: int  # index into the shard list
+    offset: int  # absolute byte offset of the data in the shard file
+    spec: OutTensor
+
+
+def _plan_shards(tensors: Sequence[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
+    """Greedy, in order: a new shard when the next tensor would pass ``max_bytes``."""
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _header(tensors: list[OutTensor], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
+    """Encoded header (length prefix + JSON padded to 8 bytes) and each tensor's data offset within it."""
+    entries: dict[str, object] = {"__metadata__": metadata}
+    starts, pos = [], 0
+    for t in tensors:
+        entries[t.name] = {
+            "dtype": _DTYPE_CODES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [pos, pos + t.nbytes],
+        }
+        starts.append(pos)
+        pos += t.nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, starts
+
+
+def _check_relpath(relpath: str) -> Path:
+    p = Path(relpath)
+    if not relpath or p.is_absolute() or ".." in p.parts:
+        raise MergeError(
+            f"Output file {relpath!r} must be a relative path inside the output folder (no '..')."
+        )
+    return p
+
+
+class ShardedWriter:
+    """Writes planned tensors into safetensors shards in a temp folder, renamed into place on commit.
+
+    Use as a context manager: leaving the block normally commits (if not done already); leaving it
+    with an exception aborts, removing the temp folder.
+
+    Args:
+        out_dir: Final output folder.
+        tensors: Every tensor to write, in the order to lay them out.
+        max_shard_bytes: Shard size limit; a single tensor larger than it gets a shard of its own.
+        force: Replace an existing ``out_dir`` (only when the commit succeeds).
+        metadata: Extra safetensors ``__metadata__`` (``{"format": "pt"}`` is always included).
+
+    Raises:
+        MergeError: ``out_dir`` exists without ``force``, duplicate names, or an unsupported dtype.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        tensors: Sequence[OutTensor],
+        *,
+        max_shard_bytes: int = 2_000_000_000,
+        force: bool = False,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self._force = force
+        self._check_inputs(tensors, max_shard_bytes, metadata or {})
+        meta = {**(metadata or {}), "format": "pt"}
+        shards = _plan_shards(tensors, max_shard_bytes)
+        n = len(shards)
+        self._names = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self._cond = threading.Condition()
+        self._inflight = 0
+        self._state = "open"
+        self._written: set[str] = set()
+        self._fds: list[int] = []
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        self._slots: dict[str, _Slot] = {}
+        try:
+            for i, shard in enumerate(shards):
+                self._open_shard(i, shard, meta)
+        except OSError as err:
+            self.abort()
+            raise self._os_error(err, self._tmp) from None
+
+    def _check_inputs(
+        self, tensors: Sequence[OutTensor], max_shard_bytes: int, metadata: dict[str, str]
+    ) -> None:
+        if self.out_dir.exists() and not (self._force and self.out_dir.is_dir()):
+            raise MergeError(
+                f"Output folder {self.out_dir} already exists. Pass --force (force=True) to replace it, "
+                "or choose another folder."
+            )
+        if max_shard_bytes <= 0:
+            raise MergeError(f"max_shard_bytes must be positive (got {max_shard_bytes}).")
+        seen: set[str] = set()
+        for t in tensors:
+            if t.name in seen or not t.name:
+                raise MergeError(f"Output tensor name {t.name!r} is empty or planned twice.")
+            seen.add(t.name)
+            if t.dtype not in _DTYPE_CODES:
+                raise MergeError(
+                    f"Output tensor {t.name!r} has dtype {t.dtype}, which safetensors cannot store."
+                )
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise MergeError("Safetensors metadata must map strings to strings.")
+
+    def _open_shard(self, index: int, shard: list[OutTensor], metadata: dict[str, str]) -> None:
+        header, starts = _header(shard, metadata)
+        fd = os.open(self._tmp / self._names[index], os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fds.append(fd)
+        self._pwrite_all(fd, memoryview(header), 0)
+        os.ftruncate(fd, len(header) + sum(t.nbytes for t in shard))
+        for t, start in zip(shard, starts, strict=True):
+            self._slots[t.name] = _Slot(index, len(header) + start, t)
+
+    @staticmethod
+    def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+        while len(data):
+            n = os.pwrite(fd, data, offset)
+            data, offset = data[n:], offset + n
+
+    def _os_error(self, err: OSError, file: Path) -> MergeError:
+        if err.errno == errno.ENOSPC:
+            return MergeError(
+                f"Disk full while writing {file}; nothing was written to {self.out_dir}. Free space and retry."
+            )
+        return MergeError(
+            f"Could not write {file}: {err.strerror or err}; nothing was written to {self.out_dir}."
+        )
+
+    def _begin(self, action: str) -> None:
+        with self._cond:
+            if self._state != "open":
+                raise MergeError(f"Cannot {action}: the writer for {self.out_dir} is already {self._state}.")
+            self._inflight += 1
+
+    def _end(self) -> None:
+        with self._cond:
+            self._inflight -= 1
+            self._cond.notify_all()
+
+    def _check_tensor(self, name: str, tensor: torch.Tensor) -> _Slot:
+        slot = self._slots.get(name)
+        if slot is None:
+            raise MergeError(f"Tensor {name!r} is not in the output plan for {self.out_dir}.")
+        spec = slot.spec
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise MergeError(
+                f"Tensor {name!r} is {list(tensor.shape)} {tensor.dtype}, but the plan says {list(spec.shape)} {spec.dtype}."
+            )
+        with self._cond:
+            if self._state != "open":
+                raise MergeError(f"Cannot write {name!r}: the writer for {self.out_dir} is already {self._state}.")
+            if name in self._written:
+                raise MergeError(f"Tensor {name!r} was written twice to {self.out_dir}.")
+            self._written.add(name)
+        return slot
+
+    @contextlib.contextmanager
+    def _io(self, action: str, file: Path) -> Iterator[None]:
+        """Count an in-flight I/O; on OSError abort everything and raise a MergeError."""
+        self._begin(action)
+        try:
+            yield
+        except OSError as err:
+            error = self._os_error(err, file)
+        else:
+            return
+        finally:
+            self._end()
+        self.abort()
+        raise error
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor's bytes at its offset (thread-safe; any order).
+
+        Raises:
+            MergeError: Unknown name, shape/dtype not as planned, written twice, or disk full (the temp
+                folder is then removed).
+        """
+        slot = self._check_tensor(name, tensor)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()  # (nbytes,)
+        with self._io(f"write {name!r}", self._tmp / self._names[slot.shard]):
+            self._pwrite_all(self._fds[slot.shard], memoryview(data), slot.offset)
+
+    def _target(self, relpath: str) -> Path:
+        rel = _check_relpath(relpath)
+        if str(rel) in self._names or str(rel) == INDEX_NAME:
+            raise MergeError(f"{relpath!r} would overwrite a weight file of the output; choose another name.")
+        path = self._tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def write_text(self, relpath: str, text: str) -> None:
+        """Write a UTF-8 text file (e.g. ``README.md``) into the output folder."""
+        with self._io(f"write {relpath!r}", self._tmp / relpath):
+            self._target(relpath).write_text(text, encoding="utf-8")
+
+    def copy_file(self, src: Path, relpath: str | None = None) -> None:
+        """Copy ``src`` into the output folder (as ``relpath``, default its file name)."""
+        src = Path(src)
+        if not src.is_file():
+            raise MergeError(f"Cannot copy {src} into {self.out_dir}: no such file.")
+        with self._io(f"copy {src}", src):
+            shutil.copyfile(src, self._target(relpath or src.name))
+
+    def _finish_files(self) -> None:
+        """Write the index (several shards), fsync and close every file and the temp folder."""
+        if len(self._names) > 1:
+            total = sum(s.spec.nbytes for s in self._slots.values())
+            weight_map = {name: self._names[s.shard] for name, s in self._slots.items()}
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self._tmp / INDEX_NAME).write_text(json.dumps(index, indent=2), encoding="utf-8")
+        for fd in self._fds:
+            os.fsync(fd)
+            os.close(fd)
+        self._fds = []
+        for path in self._tmp.rglob("*"):
+            if path.is_file() and path.name not in self._names:
+                _fsync_path(path)
+        _fsync_path(self._tmp)
+
+    def _swap_into_place(self) -> None:
+        old = None
+        if self.out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent))
+            os.replace(self.out_dir, old / "dir")
+        try:
+            os.replace(self._tmp, self.out_dir)
+        except OSError:
+            if old is not None:
+                os.replace(old / "dir", self.out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
+        _fsync_path(self.out_dir.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def commit(self) -> None:
+        """Check every tensor was written, fsync, and rename the temp folder to ``out_dir``.
+
+        Raises:
+            MergeError: Tensors are missing (listed), or the files could not be finished; the temp
+                folder is removed and ``out_dir`` is left as it was.
+        """
+        with self._cond:
+            if self._state != "open":
+                raise MergeError(f"Cannot commit: the writer for {self.out_dir} is already {self._state}.")
+            while self._inflight:
+                self._cond.wait()
+            missing = [n for n in self._slots if n not in self._written]
+            self._state = "committing"
+        if missing:
+            self.abort()
+            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            raise MergeError(
+                f"{len(missing)} planned tensors were never written ({shown}); nothing was written to {self.out_dir}."
+            )
+        try:
+            self._finish_files()
+            self._swap_into_place()
+        except OSError as err:
+            self.abort()
+            raise self._os_error(err, self._tmp) from None
+        with self._cond:
+            self._state = "committed"
+
+    def abort(self) -> None:
+        """Discard everything: close files and remove the temp folder (idempotent)."""
+        with self._cond:
+            if self._state == "committed":
+                return
+            self._state = "aborted"
+            while self._inflight:
+                self._cond.wait()
+            fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    @property
+    def shard_names(self) -> list[str]:
+        """The planned shard file names, in order."""
+        return list(self._names)
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._state == "open":
+            self.commit()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_model_files(src_root: Path, writer: ShardedWriter) -> list[str]:
+    """Copy config, generation config and tokenizer files present in ``src_root``; returns their names."""
+    copied = []
+    for name in MODEL_FILES:
+        src = Path(src_root) / name
+        if src.is_file():
+            writer.copy_file(src, name)
+            copied.append(name)
+    return copied
+
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40,
+}  # fmt: skip
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``"2GB"``, ``"500MB"``, ``"1.5G"``, ``"1e9"``, ``"4GiB"`` or an int (GB = 1e9, GiB = 2**30).
+
+    Raises:
+        ValueError: Unparseable, unknown unit, or not at least one byte.
+    """
+    fix = "write a number of bytes or a size such as 2GB, 500MB, 1.5G or 4GiB"
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise ValueError(f"Size {text!r} is not a number or string; {fix}.")
+    if isinstance(text, int):
+        value = float(text)
+    else:
+        m = _SIZE.match(text)
+        if not m or m[2].lower() not in _UNITS:
+            raise ValueError(f"Cannot read size {text!r}; {fix}.")
+        value = float(m[1]) * _UNITS[m[2].lower()]
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(f"Size {text!r} must be at least one byte; {fix}.")
+    return int(round(value))

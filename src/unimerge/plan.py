@@ -1,0 +1,343 @@
+"""Planning: (config, checkpoint headers) -> one job per output tensor.
+
+Every check happens here, before any tensor data is read: inputs exist and are readable, tensor
+names agree (what is missing/extra per model), shapes agree (vocabulary sizes named), architectures
+agree, method parameters validate for every tensor, and the output folder is not inside an input.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from unimerge.config import MergeConfig, ModelSpec, SourceSpec, evaluate_setting
+from unimerge.core import validate_params
+from unimerge.errors import CheckpointError, ConfigError, PlanError
+from unimerge.io.checkpoint import Checkpoint, TensorMeta, open_checkpoint
+from unimerge.methods import MethodInfo
+
+__all__ = ["MergePlan", "Source", "TensorJob", "layer_index", "make_plan"]
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+_VOCAB_HINTS = ("embed_tokens", "lm_head", "word_embeddings", "wte", "embed_out", "output.weight")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Tensor ``name`` of checkpoint ``model`` (an index into :attr:`MergePlan.checkpoints`)."""
+
+    model: int
+    name: str
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: where its inputs come from and the parameters resolved for it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    sources: tuple[Source, ...]
+    base: Source | None
+    params: BaseModel
+    per_model: tuple[BaseModel, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class MergePlan:
+    """Everything needed to run a merge, computed from headers only."""
+
+    config: MergeConfig
+    method: MethodInfo
+    checkpoints: list[Checkpoint]
+    base: int | None
+    jobs: list[TensorJob]
+    meta_root: Path
+    tokenizer_root: Path
+    num_layers_out: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self, threads: int = 1) -> dict[str, Any]:
+        """Tensors, bytes to read and write, and an estimate of peak memory in bytes."""
+        metas = [ck.tensors() for ck in self.checkpoints]
+        read = sum(metas[s.model][s.name].nbytes for j in self.jobs for s in (*j.sources, *filter(None, [j.base])))
+        write = sum(j.numel * j.dtype.itemsize for j in self.jobs)
+        largest = max((j.numel for j in self.jobs), default=0)
+        n_in = max((len(j.sources) + (j.base is not None) for j in self.jobs), default=0)
+        # per job in flight: inputs + stacked float32 copy + method workspace + output
+        peak = max(1, threads) * 2 * (2 * n_in + 3) * largest * 4 + 300 * 2**20
+        return {"tensors": len(self.jobs), "bytes_read": read, "bytes_written": write, "peak_memory": peak}
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _position(name: str, n_layers: int) -> float:
+    """mergekit's ``t``: layer / (n_layers - 1); embeddings 0; final norm / heads 1."""
+    idx = layer_index(name)
+    if idx is not None:
+        return idx / (n_layers - 1) if n_layers > 1 else 1.0
+    return 0.0 if "embed" in name or name.endswith(("wte.weight", "wpe.weight")) else 1.0
+
+
+def _resolve_ref(ref: str, config_dir: Path | None) -> str:
+    parts = ref.split("+")
+    out = []
+    for p in parts:
+        path = Path(p).expanduser()
+        if not path.is_absolute() and config_dir is not None and (config_dir / path).exists():
+            path = config_dir / path
+        if not path.exists():
+            raise CheckpointError(
+                f"Model {p!r} not found (looked in {Path.cwd()}" + (f" and {config_dir}" if config_dir else "")
+                + "). unimerge reads local folders only and never downloads: download the model first "
+                "(e.g. `huggingface-cli download NAME --local-dir DIR`) and give its folder."
+            )
+        out.append(str(path.resolve()))
+    return "+".join(out)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _check_architectures(refs: Sequence[str], cks: Sequence[Checkpoint]) -> None:
+    seen: dict[tuple[str, str], str] = {}
+    for ref, ck in zip(refs, cks, strict=True):
+        cfg = _read_json(ck.root / "config.json")
+        if cfg:
+            seen.setdefault((str(cfg.get("model_type")), str(cfg.get("architectures"))), ref)
+    if len(seen) > 1:
+        kinds = "; ".join(f"{r}: model_type={k[0]}, architectures={k[1]}" for k, r in seen.items())
+        raise PlanError(f"The inputs are different architectures ({kinds}). Merge only models of one architecture.")
+
+
+def _check_names(refs: Sequence[str], metas: Sequence[dict[str, TensorMeta]], ref_idx: int) -> None:
+    want = set(metas[ref_idx])
+    problems = []
+    for ref, m in zip(refs, metas, strict=True):
+        missing, extra = sorted(want - set(m)), sorted(set(m) - want)
+        if missing or extra:
+            problems.append(
+                f"{ref}: missing {len(missing)} {missing[:6]}" + (f", extra {len(extra)} {extra[:6]}" if extra else "")
+            )
+    if problems:
+        raise PlanError(
+            f"Tensor names differ from {refs[ref_idx]}: " + "; ".join(problems)
+            + ". All models must have the same tensors: check that they share one architecture and size."
+        )
+
+
+def _check_shapes(name: str, entries: Sequence[tuple[str, TensorMeta]]) -> None:
+    shapes = {m.shape for _, m in entries}
+    if len(shapes) > 1:
+        listing = ", ".join(f"{r}: {list(m.shape)}" for r, m in entries)
+        if any(h in name for h in _VOCAB_HINTS):
+            sizes = sorted({m.shape[0] for _, m in entries if m.shape})
+            raise PlanError(
+                f"Tensor {name!r} has different vocabulary sizes {sizes} ({listing}). The models use "
+                "different tokenizers or resized embeddings; merge models that share a tokenizer, or resize "
+                "their embeddings to one vocabulary first."
+            )
+        raise PlanError(f"Tensor {name!r} has different shapes ({listing}); these models cannot be merged.")
+    floats = {m.dtype.is_floating_point for _, m in entries}
+    if len(floats) > 1 or (floats == {False} and len({m.dtype for _, m in entries}) > 1):
+        raise PlanError(f"Tensor {name!r} has incompatible dtypes: {[str(m.dtype) for _, m in entries]}.")
+
+
+def _check_output(out_dir: Path, cks: Sequence[Checkpoint]) -> None:
+    out = out_dir.resolve()
+    for ck in cks:
+        for part in ck.ref.split("+"):
+            root = Path(part).resolve()
+            root = root if root.is_dir() else root.parent
+            if out == root or out.is_relative_to(root) or root.is_relative_to(out):
+                raise ConfigError(
+                    f"Output folder {out_dir} overlaps input {part}. Write the merged model to a folder "
+                    "outside every input folder (and not a parent of one)."
+                )
+
+
+class _Params:
+    """Resolve + validate parameters per tensor, caching by resolved values."""
+
+    def __init__(self, config: MergeConfig, specs: Sequence[ModelSpec]) -> None:
+        self.info = config.method
+        self.config = config
+        self.specs = specs
+        self._cache: dict[str, tuple[BaseModel, tuple[BaseModel, ...]]] = {}
+
+    def __call__(self, name: str, t: float, specs: Sequence[ModelSpec]) -> tuple[BaseModel, tuple[BaseModel, ...]]:
+        g = {k: evaluate_setting(v, name, t) for k, v in self.config.parameters.items()}
+        m = [{k: evaluate_setting(v, name, t) for k, v in s.parameters.items()} for s in specs]
+        g = {k: v for k, v in g.items() if v is not None}
+        m = [{k: v for k, v in d.items() if v is not None} for d in m]
+        key = repr((sorted(g.items()), [sorted(d.items()) for d in m]))
+        if key not in self._cache:
+            p, pm = validate_params(self.info, g, m)
+            self._cache[key] = (p, tuple(pm))
+        return self._cache[key]
+
+
+def _out_dtype(config: MergeConfig, meta: TensorMeta) -> torch.dtype:
+    name = config.out_dtype or config.dtype
+    return _DTYPES[name] if name and meta.dtype.is_floating_point else meta.dtype
+
+
+def make_plan(config: MergeConfig, out_dir: Path, *, config_dir: Path | None = None,
+              allow_pickle: bool = False) -> MergePlan:
+    """Open every input's headers, check everything, and lay out one job per output tensor."""
+    info = config.method
+    refs = config.expert_refs()
+    all_refs = list(dict.fromkeys(([config.base_model] if config.base_model else []) + refs))
+    resolved = [_resolve_ref(r, config_dir) for r in all_refs]
+    cks = [open_checkpoint(r, allow_pickle=allow_pickle) for r in resolved]
+    index = {r: i for i, r in enumerate(all_refs)}
+    base = index[config.base_model] if config.base_model else None
+    _check_output(out_dir, cks)
+    _check_architectures(all_refs, cks)
+    meta_root = cks[base if base is not None else 0].root
+    tok = config.tokenizer_source
+    tok_root = meta_root if tok in (None, "base") else cks[index[tok]].root if tok in index else Path(
+        _resolve_ref(tok, config_dir)
+    )
+    plan = MergePlan(config, info, cks, base, [], meta_root, tok_root)
+    if config.models is not None:
+        plan.jobs = _model_jobs(config, cks, index, base)
+    else:
+        plan.jobs, plan.num_layers_out = _slice_jobs(config, cks, index, base)
+    if info.needs_base and base is None:
+        raise ConfigError(f"Method {info.name!r} needs `base_model:`.")
+    return plan
+
+
+def _merged_models(info: MethodInfo, specs: Sequence[ModelSpec], base_ref: str | None) -> list[ModelSpec]:
+    """The models that are stacked as ``x``: the base is excluded when the method takes it separately."""
+    keep = [s for s in specs if not (info.uses_base and s.model == base_ref)]
+    if not keep:
+        raise ConfigError(f"Method {info.name!r} has no models to merge besides the base model.")
+    return keep
+
+
+def _model_jobs(config: MergeConfig, cks: list[Checkpoint], index: dict[str, int], base: int | None) -> list[TensorJob]:
+    info = config.method
+    specs = _merged_models(info, config.models or [], config.base_model)
+    used = sorted({index[s.model] for s in specs} | ({base} if base is not None else set()))
+    metas = [cks[i].tensors() for i in range(len(cks))]
+    ref_idx = base if base is not None else index[specs[0].model]
+    _check_names([cks[i].ref for i in used], [metas[i] for i in used], used.index(ref_idx))
+    n_layers = 1 + max((layer_index(n) or 0 for n in metas[ref_idx]), default=0)
+    resolve = _Params(config, specs)
+    jobs = []
+    for name, meta in metas[ref_idx].items():
+        _check_shapes(name, [(cks[i].ref, metas[i][name]) for i in used])
+        p, pm = resolve(name, _position(name, n_layers), specs)
+        jobs.append(TensorJob(
+            name, meta.shape, _out_dtype(config, meta), tuple(Source(index[s.model], name) for s in specs),
+            Source(base, name) if base is not None and info.uses_base else None, p, pm,
+        ))
+    return jobs
+
+
+def _slice_jobs(
+    config: MergeConfig, cks: list[Checkpoint], index: dict[str, int], base: int | None
+) -> tuple[list[TensorJob], int]:
+    """mergekit ``slices:``: output layers are the slices' layers renumbered in order."""
+    info = config.method
+    slices = config.slices or []
+    jobs: list[TensorJob] = []
+    resolve = _Params(config, [])
+    offset = 0
+    for k, sl in enumerate(slices):
+        specs = _merged_models(info, sl.sources, config.base_model)
+        base_src = next((s for s in sl.sources if s.model == config.base_model), None)
+        if info.uses_base and base_src is None:
+            raise ConfigError(f"slices[{k}]: method {info.name!r} needs the base model among the slice's sources.")
+        length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        if k == 0:
+            jobs += _edge_jobs(config, cks, index, specs, base_src, pre=True, resolve=resolve)
+        for i in range(length):
+            t = i / (length - 1) if length > 1 else 1.0
+            jobs += _layer_jobs(config, cks, index, specs, base_src, i, offset + i, t, resolve)
+        offset += length
+        if k == len(slices) - 1:
+            jobs += _edge_jobs(config, cks, index, specs, base_src, pre=False, resolve=resolve)
+    return jobs, offset
+
+
+def _layer_names(ck: Checkpoint, layer: int) -> dict[str, str]:
+    """suffix -> name for the tensors of one layer."""
+    out = {}
+    for name in ck.tensors():
+        m = _LAYER.search(name)
+        if m is not None and int(m.group(1)) == layer:
+            out[name[: m.start(1)] + "{}" + name[m.end(1):]] = name
+    return out
+
+
+def _layer_jobs(config: MergeConfig, cks: list[Checkpoint], index: dict[str, int], specs: Sequence[SourceSpec],
+                base_src: SourceSpec | None, i: int, out_layer: int, t: float, resolve: _Params) -> list[TensorJob]:
+    info = config.method
+    per_src = [(s, _layer_names(cks[index[s.model]], s.layer_range[0] + i)) for s in specs]
+    if base_src is not None and info.uses_base:
+        per_src_base = _layer_names(cks[index[base_src.model]], base_src.layer_range[0] + i)
+    first_spec, first = per_src[0]
+    if not first:
+        raise PlanError(f"{first_spec.model} has no layer {first_spec.layer_range[0] + i} (layer_range too long).")
+    jobs = []
+    for pattern, name in first.items():
+        srcs = []
+        for s, names in per_src:
+            if pattern not in names:
+                raise PlanError(f"{s.model} layer {s.layer_range[0] + i} has no tensor {pattern.format('N')!r}.")
+            srcs.append(Source(index[s.model], names[pattern]))
+        metas = [(cks[src.model].ref, cks[src.model].tensors()[src.name]) for src in srcs]
+        b = Source(index[base_src.model], per_src_base[pattern]) if base_src is not None and info.uses_base else None
+        if b is not None:
+            metas.append((cks[b.model].ref, cks[b.model].tensors()[b.name]))
+        _check_shapes(name, metas)
+        p, pm = resolve(pattern.format(out_layer), t, specs)
+        jobs.append(TensorJob(pattern.format(out_layer), metas[0][1].shape, _out_dtype(config, metas[0][1]),
+                              tuple(srcs), b, p, pm))
+    return jobs
+
+
+def _edge_jobs(config: MergeConfig, cks: list[Checkpoint], index: dict[str, int], specs: Sequence[SourceSpec],
+               base_src: SourceSpec | None, *, pre: bool, resolve: _Params) -> list[TensorJob]:
+    """Non-layer tensors: embeddings from the first slice's sources, the rest from the last slice's."""
+    info = config.method
+    ref = cks[index[specs[0].model]]
+    jobs = []
+    for name, meta in ref.tensors().items():
+        if layer_index(name) is not None or (_position(name, 2) == 0.0) != pre:
+            continue
+        srcs = tuple(Source(index[s.model], name) for s in specs)
+        b = Source(index[base_src.model], name) if base_src is not None and info.uses_base else None
+        entries = [(cks[s.model].ref, cks[s.model].tensors().get(name)) for s in (*srcs, *filter(None, [b]))]
+        missing = [r for r, m in entries if m is None]
+        if missing:
+            raise PlanError(f"Tensor {name!r} is missing from {missing}.")
+        _check_shapes(name, entries)  # type: ignore[arg-type]
+        p, pm = resolve(name, 0.0 if pre else 1.0, specs)
+        jobs.append(TensorJob(name, meta.shape, _out_dtype(config, meta), srcs, b, p, pm))
+    return jobs
