@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from _fixtures import load_all_tensors, make_tiny_llama, save_sharded
 from safetensors.torch import save_file
 
+from _fixtures import load_all_tensors, make_tiny_llama, save_sharded
 from unimerge.errors import CheckpointError
 from unimerge.io import open_checkpoint, read_safetensors_header, sha256_file
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _fixtures import load_all_tensors, make_tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from _fixtures import load_all_tensors, make_tiny_llama
 from unimerge.errors import MergeError
 from unimerge.io import (
     OutTensor,
@@ -179,7 +179,9 @@ def test_disk_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "pwrite", full)
-    with pytest.raises(MergeError, match=r"Disk full while writing .*model-00002-of-00002.safetensors; nothing was"):
+    with pytest.raises(
+        MergeError, match=r"Disk full while writing .*model-00002-of-00002.safetensors; nothing was"
+    ):
         w.write("b", torch.ones(4))
     assert not out.exists() and _leftovers(tmp_path, out) == []
     with pytest.raises(MergeError, match="aborted"):

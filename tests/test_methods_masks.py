@@ -51,8 +51,10 @@ def test_pcb_scores_and_merge_by_hand():
     # merged = sum(tau * s) / sum(s): [(0.11798 + 3) / 1.11798, 2, 0 (no score), .5]
     _close(_merge("pcb", x.tolist(), ratio=0.75), [2.788938, 2.0, 0.0, 0.5])
     # per-model weight (the reference's lams) scales each task vector, lambda the result
-    _close(_merge("pcb", x.tolist(), ratio=0.75, weight=[2.0, 1.0], **{"lambda": 0.5}),
-           [0.5 * (2 * 0.117982 + 3) / 1.117982, 2.0, 0.0, 0.5 * 0.5 * (0.0625408 + 0) / 0.0625408])
+    _close(
+        _merge("pcb", x.tolist(), ratio=0.75, weight=[2.0, 1.0], **{"lambda": 0.5}),
+        [0.5 * (2 * 0.117982 + 3) / 1.117982, 2.0, 0.0, 0.5 * 0.5 * (0.0625408 + 0) / 0.0625408],
+    )
 
 
 def test_pcb_default_ratio_keeps_entries_above_the_90th_percentile():
@@ -185,7 +187,11 @@ def test_emr_rescaler_of_an_all_zero_task_is_one():
 @pytest.mark.parametrize("name", MASK_METHODS)
 def test_registration_and_grid(name):
     info = get_method(name)
-    assert info.family in ("mask", "sparsify") and info.needs_base and info.paper.startswith("https://arxiv.org/")
+    assert (
+        info.family in ("mask", "sparsify")
+        and info.needs_base
+        and info.paper.startswith("https://arxiv.org/")
+    )
     assert info.data == "none" and not info.random
     keys = set(info.param_schema())
     assert set(info.grid) <= keys
@@ -193,14 +199,20 @@ def test_registration_and_grid(name):
     assert 1 <= len(combos) <= 6
     # every grid point validates
     for combo in combos:
-        _merge(name, [[1.0, -2.0, 0.5], [0.5, 1.0, -1.0]], **dict(zip(info.grid, combo)))
+        _merge(name, [[1.0, -2.0, 0.5], [0.5, 1.0, -1.0]], **dict(zip(info.grid, combo, strict=True)))
 
 
 @pytest.mark.parametrize(
     ("name", "params"),
-    [("pcb", {"ratio": 0.0}), ("pcb", {"clamp_ratio": 0.5}), ("consensus_ta", {"k": -1}),
-     ("consensus_ties", {"density": 1.5}), ("magmax", {"lambda": -1.0}), ("localize_stitch", {"sparsity": 0.0}),
-     ("emr", {"bogus": 1.0})],
+    [
+        ("pcb", {"ratio": 0.0}),
+        ("pcb", {"clamp_ratio": 0.5}),
+        ("consensus_ta", {"k": -1}),
+        ("consensus_ties", {"density": 1.5}),
+        ("magmax", {"lambda": -1.0}),
+        ("localize_stitch", {"sparsity": 0.0}),
+        ("emr", {"bogus": 1.0}),
+    ],
 )
 def test_bad_parameters_raise_config_error(name, params):
     with pytest.raises(ConfigError):

@@ -75,7 +75,11 @@ def _reference_tsv_m(x: torch.Tensor) -> torch.Tensor:
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
     q = s.shape[-1]
     r = int(q * (1 / n))
-    sum_u, sum_s, sum_v = torch.zeros(m, q, dtype=x.dtype), torch.zeros(q, dtype=x.dtype), torch.zeros(q, k, dtype=x.dtype)
+    sum_u, sum_s, sum_v = (
+        torch.zeros(m, q, dtype=x.dtype),
+        torch.zeros(q, dtype=x.dtype),
+        torch.zeros(q, k, dtype=x.dtype),
+    )
     for i in range(n):
         sum_u[:, i * r : (i + 1) * r] = u[i, :, :r]
         sum_s[i * r : (i + 1) * r] = s[i, :r]
@@ -176,10 +180,18 @@ def _reference_iso_cts(x: torch.Tensor, frac: float) -> torch.Tensor:
     u, s, v = torch.linalg.svd(x.sum(0), full_matrices=False)
     uc, sc, vc = u[:, :c], s[:c], v[:c]
     p = int((q - c) / n)
-    cu, cs, cv = torch.zeros(m, q, dtype=x.dtype), torch.zeros(q, dtype=x.dtype), torch.zeros(q, k, dtype=x.dtype)
+    cu, cs, cv = (
+        torch.zeros(m, q, dtype=x.dtype),
+        torch.zeros(q, dtype=x.dtype),
+        torch.zeros(q, k, dtype=x.dtype),
+    )
     for i in range(n):
         ut, st, vt = torch.linalg.svd(x[i] - uc @ uc.T @ x[i], full_matrices=False)
-        cu[:, i * p : (i + 1) * p], cs[i * p : (i + 1) * p], cv[i * p : (i + 1) * p] = ut[:, :p], st[:p], vt[:p]
+        cu[:, i * p : (i + 1) * p], cs[i * p : (i + 1) * p], cv[i * p : (i + 1) * p] = (
+            ut[:, :p],
+            st[:p],
+            vt[:p],
+        )
     cu[:, n * p : n * p + c], cs[n * p : n * p + c], cv[n * p : n * p + c] = uc, sc, vc
     a, _, b = torch.linalg.svd(cu, full_matrices=False)
     a2, _, b2 = torch.linalg.svd(cv, full_matrices=False)

@@ -27,8 +27,12 @@ TVS_B = [[2.0], [-1.0], [1.0]]
 
 def _experts() -> dict[str, dict[str, torch.Tensor]]:
     return {
-        name: {"w": BASE["w"] + torch.tensor(w), "b": BASE["b"] + torch.tensor(b), "step": BASE["step"].clone()}
-        for name, w, b in zip(["cola", "sst2", "mrpc"], TVS_W, TVS_B)
+        name: {
+            "w": BASE["w"] + torch.tensor(w),
+            "b": BASE["b"] + torch.tensor(b),
+            "step": BASE["step"].clone(),
+        }
+        for name, w, b in zip(["cola", "sst2", "mrpc"], TVS_W, TVS_B, strict=True)
     }
 
 
@@ -133,7 +137,9 @@ def test_storage_is_smaller_than_the_experts(tmp_path):
     # one float32 vector + 8 bits per entry and task + header
     assert 64 * 64 * 4 + 8 * 64 * 64 // 8 <= size < 64 * 64 * 4 + 8 * 64 * 64 // 8 + 2048
     assert size < experts_bytes / 5
-    half = save_task_masks(tmp_path / "h.safetensors", compute_task_masks(experts, base), vector_dtype=torch.bfloat16)
+    half = save_task_masks(
+        tmp_path / "h.safetensors", compute_task_masks(experts, base), vector_dtype=torch.bfloat16
+    )
     assert half < size
 
 

@@ -148,21 +148,34 @@ def _check_names(refs: Sequence[str], metas: Sequence[dict[str, TensorMeta]], re
         )
 
 
-def _check_shapes(name: str, entries: Sequence[tuple[str, TensorMeta]]) -> None:
+def _shape_problem(name: str, entries: Sequence[tuple[str, TensorMeta]]) -> str | None:
     shapes = {m.shape for _, m in entries}
     if len(shapes) > 1:
-        listing = ", ".join(f"{r}: {list(m.shape)}" for r, m in entries)
-        if any(h in name for h in _VOCAB_HINTS):
-            sizes = sorted({m.shape[0] for _, m in entries if m.shape})
-            raise PlanError(
-                f"Tensor {name!r} has different vocabulary sizes {sizes} ({listing}). The models use "
-                "different tokenizers or resized embeddings; merge models that share a tokenizer, or resize "
-                "their embeddings to one vocabulary first."
-            )
-        raise PlanError(f"Tensor {name!r} has different shapes ({listing}); these models cannot be merged.")
+        return f"{name!r} ({', '.join(f'{r}: {list(m.shape)}' for r, m in entries)})"
     floats = {m.dtype.is_floating_point for _, m in entries}
     if len(floats) > 1 or (floats == {False} and len({m.dtype for _, m in entries}) > 1):
-        raise PlanError(f"Tensor {name!r} has incompatible dtypes: {[str(m.dtype) for _, m in entries]}.")
+        return f"{name!r} has incompatible dtypes {[str(m.dtype) for _, m in entries]}"
+    return None
+
+
+def _check_shapes(items: Sequence[tuple[str, Sequence[tuple[str, TensorMeta]]]]) -> None:
+    """Check every tensor's shapes agree across inputs; vocabulary mismatches are reported first."""
+    problems = [(n, p) for n, e in items if (p := _shape_problem(n, e)) is not None]
+    vocab = [(n, e) for n, e in items if any(h in n for h in _VOCAB_HINTS) and _shape_problem(n, e)]
+    if vocab:
+        sizes = sorted({m.shape[0] for _, e in vocab for _, m in e if m.shape})
+        names = ", ".join(repr(n) for n, _ in vocab)
+        raise PlanError(
+            f"Tensors {names} have different vocabulary sizes {sizes}: the models use different tokenizers "
+            "or resized embeddings. Merge models that share a tokenizer, or resize their embeddings to one "
+            "vocabulary first. Details: " + "; ".join(p for n, p in problems if any(h in n for h in _VOCAB_HINTS))
+        )
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise PlanError(
+            "These tensors differ between the inputs, so the models cannot be merged: "
+            + "; ".join(p for _, p in problems[:5]) + more + ". Check that all models share one architecture and size."
+        )
 
 
 def _check_output(out_dir: Path, cks: Sequence[Checkpoint]) -> None:
@@ -248,9 +261,9 @@ def _model_jobs(config: MergeConfig, cks: list[Checkpoint], index: dict[str, int
     _check_names([cks[i].ref for i in used], [metas[i] for i in used], used.index(ref_idx))
     n_layers = 1 + max((layer_index(n) or 0 for n in metas[ref_idx]), default=0)
     resolve = _Params(config, specs)
+    _check_shapes([(name, [(cks[i].ref, metas[i][name]) for i in used]) for name in metas[ref_idx]])
     jobs = []
     for name, meta in metas[ref_idx].items():
-        _check_shapes(name, [(cks[i].ref, metas[i][name]) for i in used])
         p, pm = resolve(name, _position(name, n_layers), specs)
         jobs.append(TensorJob(
             name, meta.shape, _out_dtype(config, meta), tuple(Source(index[s.model], name) for s in specs),
@@ -315,7 +328,7 @@ def _layer_jobs(config: MergeConfig, cks: list[Checkpoint], index: dict[str, int
         b = Source(index[base_src.model], per_src_base[pattern]) if base_src is not None and info.uses_base else None
         if b is not None:
             metas.append((cks[b.model].ref, cks[b.model].tensors()[b.name]))
-        _check_shapes(name, metas)
+        _check_shapes([(name, metas)])
         p, pm = resolve(pattern.format(out_layer), t, specs)
         jobs.append(TensorJob(pattern.format(out_layer), metas[0][1].shape, _out_dtype(config, metas[0][1]),
                               tuple(srcs), b, p, pm))
@@ -337,7 +350,7 @@ def _edge_jobs(config: MergeConfig, cks: list[Checkpoint], index: dict[str, int]
         missing = [r for r, m in entries if m is None]
         if missing:
             raise PlanError(f"Tensor {name!r} is missing from {missing}.")
-        _check_shapes(name, entries)  # type: ignore[arg-type]
+        _check_shapes([(name, entries)])  # type: ignore[list-item]
         p, pm = resolve(name, 0.0 if pre else 1.0, specs)
         jobs.append(TensorJob(name, meta.shape, _out_dtype(config, meta), srcs, b, p, pm))
     return jobs

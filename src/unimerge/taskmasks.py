@@ -106,13 +106,17 @@ def _stacked_deltas(
         if not b.is_floating_point():
             continue
         rows = []
-        for task, sd in zip(names, experts):
+        for task, sd in zip(names, experts, strict=True):
             if key not in sd:
-                raise PlanError(f"Expert {task!r} has no tensor {key!r} that the base has; merge experts "
-                                "fine-tuned from the same base model.")
+                raise PlanError(
+                    f"Expert {task!r} has no tensor {key!r} that the base has; merge experts "
+                    "fine-tuned from the same base model."
+                )
             if sd[key].shape != b.shape:
-                raise PlanError(f"Tensor {key!r}: expert {task!r} has shape {tuple(sd[key].shape)}, the base "
-                                f"{tuple(b.shape)}.")
+                raise PlanError(
+                    f"Tensor {key!r}: expert {task!r} has shape {tuple(sd[key].shape)}, the base "
+                    f"{tuple(b.shape)}."
+                )
             rows.append(sd[key])
         cdtype = torch.float64 if b.dtype == torch.float64 else torch.float32
         yield key, torch.stack([t.to(cdtype) for t in rows]) - b.to(cdtype)
@@ -144,7 +148,9 @@ def compute_task_masks(
         raise ConfigError(f"Unknown mask method {method!r}; use 'emr' or 'tall'.")
     lam = [float(tall_lambda)] * len(sds) if isinstance(tall_lambda, (int, float)) else list(tall_lambda)
     if len(lam) != len(sds):
-        raise ConfigError(f"tall_lambda has {len(lam)} values for {len(sds)} experts; give one or one per expert.")
+        raise ConfigError(
+            f"tall_lambda has {len(lam)} values for {len(sds)} experts; give one or one per expert."
+        )
     vector: dict[str, Tensor] = {}
     masks: dict[str, Tensor] = {}
     stats: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -172,7 +178,9 @@ def _unpack(packed: Tensor, shape: torch.Size) -> Tensor:
     return torch.from_numpy(bits).reshape(shape)
 
 
-def save_task_masks(path: str | os.PathLike, masks: TaskMasks, *, vector_dtype: torch.dtype | None = None) -> int:
+def save_task_masks(
+    path: str | os.PathLike, masks: TaskMasks, *, vector_dtype: torch.dtype | None = None
+) -> int:
     """Write ``masks`` to a safetensors file (atomically) and return its size in bytes.
 
     Args:
@@ -185,7 +193,12 @@ def save_task_masks(path: str | os.PathLike, masks: TaskMasks, *, vector_dtype: 
         tensors[f"vector::{key}"] = v.to(vector_dtype or v.dtype).contiguous()
         for i in range(len(masks.tasks)):
             tensors[f"mask::{i}::{key}"] = _pack(masks.masks[key][i])
-    meta = {"format": _FORMAT, "version": _VERSION, "method": masks.method, "tasks": json.dumps(list(masks.tasks))}
+    meta = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "method": masks.method,
+        "tasks": json.dumps(list(masks.tasks)),
+    }
     out = Path(path)
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -199,15 +212,20 @@ def _open(path: str | os.PathLike):
     try:
         handle = safe_open(str(path), framework="pt")
     except Exception as err:  # safetensors raises several types for corrupt headers
-        raise CheckpointError(f"Task mask file {str(path)!r} is not a readable safetensors file: {err}") from None
+        raise CheckpointError(
+            f"Task mask file {str(path)!r} is not a readable safetensors file: {err}"
+        ) from None
     meta = handle.metadata() or {}
     if meta.get("format") != _FORMAT or meta.get("method") not in ("emr", "tall"):
-        raise CheckpointError(f"{str(path)!r} is not a unimerge task mask file (metadata format={meta.get('format')!r}).")
+        raise CheckpointError(
+            f"{str(path)!r} is not a unimerge task mask file (metadata format={meta.get('format')!r})."
+        )
     return handle, meta
 
 
 def _vector_names(handle) -> list[str]:
-    return [k[len("vector::"):] for k in handle.keys() if k.startswith("vector::")]
+    keys: list[str] = handle.keys()
+    return [k[len("vector::") :] for k in keys if k.startswith("vector::")]
 
 
 def load_task_masks(path: str | os.PathLike) -> TaskMasks:
@@ -217,8 +235,9 @@ def load_task_masks(path: str | os.PathLike) -> TaskMasks:
     vector, masks = {}, {}
     for key in _vector_names(handle):
         vector[key] = handle.get_tensor(f"vector::{key}")
-        masks[key] = torch.stack([_unpack(handle.get_tensor(f"mask::{i}::{key}"), vector[key].shape)
-                                  for i in range(len(tasks))])
+        masks[key] = torch.stack(
+            [_unpack(handle.get_tensor(f"mask::{i}::{key}"), vector[key].shape) for i in range(len(tasks))]
+        )
     return TaskMasks(meta["method"], tasks, vector, masks, handle.get_tensor("rescalers"))
 
 
@@ -232,14 +251,22 @@ def _rebuild(w: Tensor, v: Tensor, mask: Tensor, r: float, state_is: StateKind) 
 
 def _check(state: Mapping[str, Tensor], key: str, shape: torch.Size, source: str) -> None:
     if key not in state:
-        raise PlanError(f"The model has no tensor {key!r} that {source} covers; use the base model the masks "
-                        "were computed from.")
+        raise PlanError(
+            f"The model has no tensor {key!r} that {source} covers; use the base model the masks "
+            "were computed from."
+        )
     if state[key].shape != shape:
-        raise PlanError(f"Tensor {key!r}: the model has shape {tuple(state[key].shape)}, {source} has {tuple(shape)}.")
+        raise PlanError(
+            f"Tensor {key!r}: the model has shape {tuple(state[key].shape)}, {source} has {tuple(shape)}."
+        )
 
 
 def load_task_model(
-    state: Mapping[str, Tensor], masks_file: str | os.PathLike, task: str | int, *, state_is: StateKind = "base"
+    state: Mapping[str, Tensor],
+    masks_file: str | os.PathLike,
+    task: str | int,
+    *,
+    state_is: StateKind = "base",
 ) -> dict[str, Tensor]:
     """Rebuild task ``task``'s model from the base (or merged) state dict and a task mask file.
 

@@ -185,7 +185,7 @@ class LoraCheckpoint(Checkpoint):
         targets: dict[str, LoraTarget],
         replace: dict[str, str],
     ) -> None:
-        super().__init__(ref, base.root, base.tensors())
+        super().__init__(ref, base.root, dict(base.tensors()))
         self._base, self._adapter = base, adapter
         self._targets, self._replace = targets, replace
 

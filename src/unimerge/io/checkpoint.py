@@ -185,8 +185,8 @@ class Checkpoint(abc.ABC):
         self._metas = metas
 
     def tensors(self) -> dict[str, TensorMeta]:
-        """Name -> :class:`TensorMeta`, from headers only."""
-        return dict(self._metas)
+        """Name -> :class:`TensorMeta`, from headers only (the cached mapping itself: do not mutate it)."""
+        return self._metas
 
     def files(self) -> list[Path]:
         """The data files, sorted (for sha256 sums in the model card)."""

@@ -148,6 +148,7 @@ class ShardedWriter:
         self._cond = threading.Condition()
         self._inflight = 0
         self._state = "open"
+        self._failure: MergeError | None = None
         self._written: set[str] = set()
         self._fds: list[int] = []
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -206,10 +207,16 @@ class ShardedWriter:
             f"Could not write {file}: {err.strerror or err}; nothing was written to {self.out_dir}."
         )
 
+    def _closed(self, action: str) -> MergeError:
+        """The error for using a writer that is no longer open: the failure that closed it, if any."""
+        if self._failure is not None:
+            return self._failure
+        return MergeError(f"Cannot {action}: the writer for {self.out_dir} is already {self._state}.")
+
     def _begin(self, action: str) -> None:
         with self._cond:
             if self._state != "open":
-                raise MergeError(f"Cannot {action}: the writer for {self.out_dir} is already {self._state}.")
+                raise self._closed(action)
             self._inflight += 1
 
     def _end(self) -> None:
@@ -228,7 +235,7 @@ class ShardedWriter:
             )
         with self._cond:
             if self._state != "open":
-                raise MergeError(f"Cannot write {name!r}: the writer for {self.out_dir} is already {self._state}.")
+                raise self._closed(f"write {name!r}")
             if name in self._written:
                 raise MergeError(f"Tensor {name!r} was written twice to {self.out_dir}.")
             self._written.add(name)
@@ -246,6 +253,8 @@ class ShardedWriter:
             return
         finally:
             self._end()
+        with self._cond:
+            self._failure = self._failure or error
         self.abort()
         raise error
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -24,6 +25,7 @@ __all__ = [
     "RescaleNorm",
     "SignMethod",
     "breadcrumbs_mask",
+    "consensus_sums",
     "disjoint_mean",
     "elect_sign",
     "expand_like",
@@ -116,24 +118,24 @@ def kth_largest(flat: Tensor, k: int) -> Tensor:
     return torch.kthvalue(flat, n - k + 1).values
 
 
-def topk_mask(scores: Tensor, k: int) -> Tensor:
-    """Boolean mask of the ``k`` largest entries of ``scores`` (any shape), by selection.
+def topk_mask(scores: Tensor, k: int, *, out: Tensor | None = None) -> Tensor:
+    """Mask of the ``k`` largest entries of ``scores`` (any shape), by selection (no sort).
 
     Among entries equal to the threshold the lowest (flat) indices are kept, so exactly ``k``
-    entries are selected and the result is deterministic.
+    entries are selected and the result is deterministic. Returns a bool mask, or writes a 0/1
+    mask into ``out`` (a contiguous float tensor shaped like ``scores``, not ``scores`` itself).
     """
     n = scores.numel()
-    if k >= n:
-        return torch.ones_like(scores, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= n or k <= 0:
+        fill = k >= n
+        return torch.full_like(scores, fill, dtype=torch.bool) if out is None else out.fill_(float(fill))
     flat = _selectable(scores)
     thresh = kth_largest(flat, k)
-    mask = flat >= thresh
+    mask = flat >= thresh if out is None else torch.ge(flat, thresh, out=out.view(-1))
     extra = int(torch.count_nonzero(mask)) - k
     if extra > 0:  # ties at the threshold: keep the lowest indices
         ties = torch.nonzero(flat == thresh).reshape(-1)
-        mask[ties[ties.numel() - extra :]] = False
+        mask[ties[ties.numel() - extra :]] = 0
     return mask.reshape(scores.shape)
 
 
@@ -153,33 +155,44 @@ def rescale_to_norm(masked: Tensor, original: Tensor, norm: RescaleNorm, density
     return masked.mul_(before / after)
 
 
-def _sparsify(
-    x: Tensor, density: Tensor, masker, *, rescale: bool, norm: RescaleNorm
-) -> Tensor:
-    """Apply ``masker(i, x[i]) -> bool mask`` to each model, rescaling if asked: ``(n, *shape)``."""
+# masker(i, x[i], scratch) -> keep mask of x[i] (bool, or float 0/1 possibly written into scratch)
+Masker = Callable[[int, Tensor, Tensor], Tensor]
+
+
+def _sparsify(x: Tensor, density: Tensor, masker: Masker, *, rescale: bool, norm: RescaleNorm) -> Tensor:
+    """Apply each model's keep mask to a copy of ``x``, rescaling if asked: ``(n, *shape)``.
+
+    Masks are applied as float multiplications into preallocated buffers (``torch.where`` and
+    bool-float arithmetic are several times slower on CPU).
+    """
     out = torch.empty_like(x)
+    scratch = torch.empty_like(x[0])  # (*shape)
     for i in range(x.shape[0]):
         d = fraction(density[i])
         if d >= 1.0:
             out[i].copy_(x[i])
             continue
-        torch.where(masker(i, x[i]), x[i], torch.zeros((), dtype=x.dtype, device=x.device), out=out[i])
+        keep = masker(i, x[i], scratch)
+        if keep.dtype != x.dtype:
+            keep = scratch.copy_(keep)
+        torch.mul(x[i], keep, out=out[i])
         if rescale:
             rescale_to_norm(out[i], x[i], norm, d)
     return out
 
 
-def sparsify_magnitude(
-    x: Tensor, density: Tensor, *, rescale: bool = False, norm: RescaleNorm = "l1"
-) -> Tensor:
+def sparsify_magnitude(x: Tensor, density: Tensor, *, rescale: bool = False, norm: RescaleNorm = "l1") -> Tensor:
     """Keep the top ``density[i]`` fraction of entries of each ``x[i]`` by magnitude (TIES trim).
 
     ``k = int(density * numel)`` as in the TIES reference code and mergekit; ``density >= 1`` keeps all.
     """
-    return _sparsify(
-        x, density, lambda i, xi: topk_mask(xi.abs(), int(fraction(density[i]) * xi.numel())),
-        rescale=rescale, norm=norm,
-    )
+    scores = torch.empty_like(x[0])  # (*shape), reused across models
+
+    def masker(i: int, xi: Tensor, scratch: Tensor) -> Tensor:
+        k = int(fraction(density[i]) * xi.numel())
+        return topk_mask(torch.abs(xi, out=scores), k, out=scratch)
+
+    return _sparsify(x, density, masker, rescale=rescale, norm=norm)
 
 
 def breadcrumbs_mask(x: Tensor, density: float, gamma: float) -> Tensor:
@@ -203,10 +216,11 @@ def sparsify_breadcrumbs(
     x: Tensor, density: Tensor, gamma: Tensor, *, rescale: bool = False, norm: RescaleNorm = "l1"
 ) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2024) on each model: ``(n, *shape)``."""
-    return _sparsify(
-        x, density, lambda i, xi: breadcrumbs_mask(xi, fraction(density[i]), fraction(gamma[i])),
-        rescale=rescale, norm=norm,
-    )
+
+    def masker(i: int, xi: Tensor, scratch: Tensor) -> Tensor:
+        return breadcrumbs_mask(xi, fraction(density[i]), fraction(gamma[i]))
+
+    return _sparsify(x, density, masker, rescale=rescale, norm=norm)
 
 
 def sparsify_random(
@@ -219,9 +233,8 @@ def sparsify_random(
 ) -> Tensor:
     """DARE: drop each entry with probability ``1 - density[i]``; optionally rescale (see module doc)."""
 
-    def masker(i: int, xi: Tensor) -> Tensor:
-        u = torch.rand(xi.shape, generator=generator, device=xi.device, dtype=torch.float32)
-        return u < fraction(density[i])
+    def masker(i: int, xi: Tensor, scratch: Tensor) -> Tensor:
+        return torch.rand(xi.shape, generator=generator, out=scratch).lt_(fraction(density[i]))
 
     return _sparsify(x, density, masker, rescale=rescale, norm=norm)
 
@@ -235,11 +248,11 @@ def rank_magnitude_probs(x: Tensor, density: float, epsilon: float) -> Tensor:
     t = x.reshape(1, -1) if x.dim() < 2 else x
     m = t.shape[1]
     if m < 2:
-        return torch.full_like(x, density, dtype=torch.float32)
+        return torch.full_like(x, density)
     order = t.abs().argsort(dim=1, stable=True)  # (rows, m, ...)
     view = [1, m] + [1] * (t.dim() - 2)
-    ranks = torch.arange(m, device=t.device, dtype=torch.float32).reshape(view).expand(order.shape)
-    rank = torch.empty(order.shape, device=t.device, dtype=torch.float32).scatter_(1, order, ranks)
+    ranks = torch.arange(m, device=t.device, dtype=x.dtype).reshape(view).expand(order.shape)
+    rank = torch.empty(order.shape, device=t.device, dtype=x.dtype).scatter_(1, order, ranks)
     probs = rank.div_(m - 1).mul_(2.0 * epsilon).add_(density - epsilon)
     return probs.reshape(x.shape)
 
@@ -255,9 +268,9 @@ def sparsify_rank_magnitude(
 ) -> Tensor:
     """DELLA MagPrune (Deep et al. 2024): drop entries at random, larger magnitudes kept more often."""
 
-    def masker(i: int, xi: Tensor) -> Tensor:
+    def masker(i: int, xi: Tensor, scratch: Tensor) -> Tensor:
         probs = rank_magnitude_probs(xi, fraction(density[i]), fraction(epsilon[i]))
-        return torch.rand(xi.shape, generator=generator, device=xi.device, dtype=torch.float32) < probs
+        return torch.rand(xi.shape, generator=generator, out=scratch).lt_(probs)
 
     return _sparsify(x, density, masker, rescale=rescale, norm=norm)
 
@@ -275,17 +288,44 @@ def elect_sign(x: Tensor, method: SignMethod = "sum") -> Tensor:
     return torch.where(positive, x > 0, x < 0)
 
 
+def consensus_sums(x: Tensor, weights: Tensor | None = None, method: SignMethod = "sum") -> tuple[Tensor, Tensor]:
+    """TIES elect-and-sum in one pass: ``masked_sums(x, elect_sign(x, method), weights)``.
+
+    Accumulates the positive and negative parts of ``x`` and their models' weights (counts without
+    ``weights``), then picks the elected side per entry, so no ``(n, *shape)`` mask is built.
+
+    Returns:
+        ``(sum of the entries agreeing with the elected sign, sum of their models' weights)``, each
+        ``(*shape)``.
+    """
+    pos, neg, pos_w, neg_w, scratch = (torch.zeros_like(x[0]) for _ in range(5))  # (*shape) each
+    votes = torch.zeros_like(x[0]) if method == "count" else None
+    for i in range(x.shape[0]):
+        w = 1.0 if weights is None else float(weights[i])
+        pos.add_(torch.clamp(x[i], min=0, out=scratch))
+        neg.add_(torch.clamp(x[i], max=0, out=scratch))
+        pos_w.add_(torch.gt(x[i], 0, out=scratch), alpha=w)
+        if votes is not None:
+            votes.add_(scratch)
+        neg_w.add_(torch.lt(x[i], 0, out=scratch), alpha=w)
+        if votes is not None:
+            votes.sub_(scratch)
+    elected = torch.add(pos, neg, out=scratch) if votes is None else votes  # sign decides
+    positive = elected.ge_(0)  # 1.0 where + is elected (ties elect +), else 0.0
+    return neg.lerp_(pos, positive), neg_w.lerp_(pos_w, positive)  # lerp by 0/1 selects exactly
+
+
 def masked_sums(x: Tensor, mask: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(sum_i mask_i * x_i, sum_i mask_i * w_i)`` over models, each ``(*shape)``.
 
     Loops over models so no ``(n, *shape)`` temporary is made; without ``weights`` the second
     term counts the kept models.
     """
-    num = torch.zeros_like(x[0])
-    den = torch.zeros_like(x[0])
+    num, den, keep = (torch.zeros_like(x[0]) for _ in range(3))
     for i in range(x.shape[0]):
-        num.add_(torch.where(mask[i], x[i], 0.0))
-        den.add_(mask[i], alpha=1.0 if weights is None else float(weights[i]))
+        keep.copy_(mask[i])
+        num.addcmul_(x[i], keep)
+        den.add_(keep, alpha=1.0 if weights is None else float(weights[i]))
     return num, den
 
 
@@ -296,7 +336,7 @@ def disjoint_mean(x: Tensor, mask: Tensor, weights: Tensor | None = None) -> Ten
     a zero divisor counts as 1.
     """
     num, den = masked_sums(x, mask, weights)
-    return num / torch.where(den == 0, 1.0, den)
+    return num.div_(den.masked_fill_(den == 0, 1.0))
 
 
 def generator_for(seed: int, tensor_name: str, device: str | torch.device = "cpu") -> torch.Generator:

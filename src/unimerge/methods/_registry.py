@@ -167,7 +167,7 @@ class Registry:
 
     def get(self, name: str) -> MethodInfo:
         self._load_plugins()
-        key = name.replace("-", "_").lower()
+        key = name.lower()
         if key in self._methods:
             return self._methods[key]
         close = difflib.get_close_matches(key, list(self._methods), n=3, cutoff=0.5)

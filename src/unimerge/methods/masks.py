@@ -244,9 +244,12 @@ def magmax(x: Tensor, params: ScaleParams, per_model: Mapping[str, Tensor], *, b
     On equal magnitudes the later model wins, as in the reference ``merge_max_abs`` (``>=``).
     """
     wx = x * expand_like(per_model["weight"], x)  # (n, *shape)
-    n = x.shape[0]
-    last = n - 1 - wx.abs().flip(0).argmax(dim=0, keepdim=True)  # (1, *shape): last index of the max
-    return params.lambda_ * wx.gather(0, last).squeeze(0)
+    best, best_abs = wx[0], wx[0].abs()  # (*shape) each
+    for i in range(1, x.shape[0]):
+        cur = wx[i].abs()
+        take = cur >= best_abs
+        best, best_abs = torch.where(take, wx[i], best), torch.where(take, cur, best_abs)
+    return params.lambda_ * best
 
 
 # ------------------------------------------------------------------------------ Localize-and-Stitch

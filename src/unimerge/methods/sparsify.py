@@ -43,6 +43,7 @@ from torch import Tensor
 
 from unimerge.methods._primitives import (
     SignMethod,
+    consensus_sums,
     elect_sign,
     expand_like,
     masked_sums,
@@ -150,7 +151,7 @@ def generalized_task_arithmetic(
         divisor: Tensor | float = 1.0 if abs(total) < 1e-8 else total
     else:
         weighted = weighted if weighted is not None else x * expand_like(w, x)
-        mixed, divisor = masked_sums(weighted, elect_sign(weighted, consensus), w)  # (*shape) each
+        mixed, divisor = consensus_sums(weighted, w, consensus)  # (*shape) each
         divisor = divisor.masked_fill_(divisor == 0, 1.0)
     if normalize:
         mixed = mixed.div_(divisor)

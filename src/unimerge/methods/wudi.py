@@ -13,11 +13,12 @@ with Adam (lr ``1e-5``, 300 steps, betas (0.9, 0.999), eps 1e-8, no weight decay
 task-arithmetic sum ``sum_i tau_i``; no scaling coefficient is applied afterwards. Tensors that are
 not 2-D get the mean task vector, as in the reference code.
 
-The loss is quadratic, ``grad = 2 (tau_m H - B)`` with ``H = sum_i tau_i^T tau_i / ||tau_i||^2``
-``(in, in)`` and ``B = sum_i tau_i tau_i^T tau_i / ||tau_i||^2`` ``(out, in)``, so both are computed
-once and each step costs one ``(out, in) x (in, in)`` product instead of ``T`` batched products of
-``(out, in) x (in, out)``; the Adam update is written out (the same arithmetic as
-``torch.optim.Adam``), so it runs on the tensor's device without autograd. Nothing is random.
+The loss is quadratic: ``grad = 2 (tau_m H - B)`` with ``H = sum_i tau_i^T tau_i / ||tau_i||^2``
+``(in, in)`` and ``B = sum_i tau_i tau_i^T tau_i / ||tau_i||^2`` ``(out, in)``. ``H`` and the gradient
+at the start are computed once, so each step costs one ``(out, in) x (in, in)`` product instead of
+the reference's ``3 T`` products of ``(out, in) x (in, out)`` size (about ``3 T out / in`` times
+fewer flops); the Adam update is written out (``torch.optim.Adam``'s arithmetic, checked against it
+in the tests), so it runs on the tensor's device without autograd. Nothing is random.
 
 A per-model ``weight`` scales that model's task vector first (default 1.0: the paper's method).
 """
@@ -51,12 +52,28 @@ def _inv_sq_norms(x: Tensor) -> Tensor:
 
 
 def wudi_quadratic(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``H`` ``(in, in)`` and ``B`` ``(out, in)`` of the WUDI loss for task matrices ``x`` ``(n, out, in)``."""
+    """``H`` ``(in, in)`` and ``B`` ``(out, in)`` of the WUDI loss for task matrices ``x`` ``(n, out, in)``.
+
+    ``grad L(tau_m) = 2 (tau_m H - B)``, so the unconstrained optimum solves ``tau_m H = B``.
+    """
+    h, c = _accumulate(x, torch.zeros_like(x[0]))
+    return h, -c
+
+
+def _accumulate(x: Tensor, anchor: Tensor) -> tuple[Tensor, Tensor]:
+    """``H`` and ``C = sum_i (anchor - tau_i) tau_i^T tau_i / ||tau_i||^2``, half the gradient at ``anchor``.
+
+    One task at a time, so no ``(n, in, in)`` stack is held. The differences are formed first, as
+    autograd of the loss does, so exactly orthogonal tasks give an exactly zero gradient at their sum.
+    """
     w = _inv_sq_norms(x)  # (n,)
-    gram = x.mT @ x  # (n, in, in): tau_i^T tau_i
-    h = torch.einsum("n,nij->ij", w, gram)
-    b = torch.einsum("n,noi,nij->oj", w, x, gram)
-    return h, b
+    h = x.new_zeros(x.shape[-1], x.shape[-1])  # (in, in)
+    c = torch.zeros_like(anchor)  # (out, in)
+    for i in range(x.shape[0]):
+        gram = x[i].mT @ x[i]  # (in, in)
+        h += w[i] * gram
+        c += w[i] * ((anchor - x[i]) @ gram)
+    return h, c
 
 
 def wudi_loss(merged: Tensor, x: Tensor) -> Tensor:
@@ -72,19 +89,23 @@ def wudi_optimise(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
 ) -> Tensor:
-    """Minimise the WUDI loss for task matrices ``x`` ``(n, out, in)`` with Adam from their sum."""
-    h, b = wudi_quadratic(x)
-    merged = x.sum(dim=0)  # (out, in)
-    m1 = torch.zeros_like(merged)
-    m2 = torch.zeros_like(merged)
+    """Minimise the WUDI loss for task matrices ``x`` ``(n, out, in)`` with Adam from their sum.
+
+    Tracks ``delta = tau_m - sum_i tau_i`` with ``grad = 2 (delta H + C)``, ``C`` the half-gradient at
+    the sum (see :func:`_accumulate`); the Adam arithmetic is ``torch.optim.Adam``'s.
+    """
+    start = x.sum(dim=0)  # (out, in)
+    h, c = _accumulate(x, start)
+    delta = torch.zeros_like(start)
+    m1, m2 = torch.zeros_like(start), torch.zeros_like(start)
     beta1, beta2 = betas
     for t in range(1, steps + 1):
-        grad = 2.0 * (merged @ h - b)
+        grad = 2.0 * torch.addmm(c, delta, h)
         m1.lerp_(grad, 1.0 - beta1)
         m2.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         denom = (m2.sqrt() / (1.0 - beta2**t) ** 0.5).add_(eps)
-        merged.addcdiv_(m1, denom, value=-lr / (1.0 - beta1**t))
-    return merged
+        delta.addcdiv_(m1, denom, value=-lr / (1.0 - beta1**t))
+    return start + delta
 
 
 @register_method(

@@ -1,0 +1,498 @@
+"""Merge speed and memory against an I/O floor measured in the same run.
+
+Builds Llama-shaped fp32 checkpoints of a chosen size (default ~220M parameters: a base and three
+experts) under ``$UNIMERGE_CACHE/bench-speed/<size>`` (default ``~/.cache/unimerge``), reused when
+present. Then, each in a fresh subprocess so that peak RSS is per run, it times:
+
+- the I/O floor: read every input tensor with ``safetensors`` and write one output of the same size
+  (``save_file`` per output shard, then ``fsync``, as unimerge's writer does);
+- unimerge's ``linear``, ``ties``, ``dare_ties`` (base + 3 experts) and ``slerp`` (base + 1 expert,
+  compared with a floor over the same two inputs) through :func:`unimerge.execute.run_merge`;
+- with ``--vs-mergekit``, ``mergekit-yaml`` on the very same YAML config.
+
+Each method runs right after a floor over the same inputs and its ratio is taken against that floor,
+so load from other processes on the machine shifts both. All runs read warm files (nothing is dropped
+from the page cache; a warm-up floor runs first). Targets: ``linear`` <= 1.5x the floor, ``ties``
+<= 2.5x, every method >= 3x faster than mergekit, peak RSS <= (n_models + 3) x largest tensor + 500 MB.
+
+Usage::
+
+    python benchmarks/merge_speed.py --params 220M --threads 2 --repeats 1 --out-json speed.json
+    python benchmarks/merge_speed.py --params 60M --methods linear,ties --vs-mergekit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+MB = 1_000_000
+METHODS = ("linear", "ties", "dare_ties", "slerp")
+TARGETS = {"linear": 1.5, "ties": 2.5}  # max ratio to the floor
+MIN_SPEEDUP = 3.0  # vs mergekit
+SHARD_BYTES = 1_000_000_000  # input and output shard size (same for unimerge and mergekit)
+VOCAB = 32000
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """Sizes of a Llama decoder (no GQA, untied embeddings)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    heads: int
+
+    def tensors(self) -> dict[str, tuple[int, ...]]:
+        """Tensor name -> shape, in the order a Hugging Face Llama checkpoint stores them."""
+        h, i = self.hidden, self.intermediate
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, h)}
+        for k in range(self.layers):
+            p = f"model.layers.{k}."
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                shapes[f"{p}self_attn.{proj}.weight"] = (h, h)
+            shapes[f"{p}mlp.gate_proj.weight"] = (i, h)
+            shapes[f"{p}mlp.up_proj.weight"] = (i, h)
+            shapes[f"{p}mlp.down_proj.weight"] = (h, i)
+            shapes[f"{p}input_layernorm.weight"] = (h,)
+            shapes[f"{p}post_attention_layernorm.weight"] = (h,)
+        shapes["model.norm.weight"] = (h,)
+        shapes["lm_head.weight"] = (self.vocab, h)
+        return shapes
+
+    @property
+    def params(self) -> int:
+        return sum(math.prod(s) for s in self.tensors().values())
+
+    @property
+    def largest_bytes(self) -> int:
+        """Bytes of the largest tensor in fp32."""
+        return 4 * max(math.prod(s) for s in self.tensors().values())
+
+    def config(self) -> dict[str, Any]:
+        """A ``LlamaConfig`` as ``config.json``."""
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab,
+            "hidden_size": self.hidden, "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+            "num_key_value_heads": self.heads, "hidden_act": "silu", "max_position_embeddings": 2048,
+            "initializer_range": 0.02, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+        }  # fmt: skip
+
+
+def parse_count(text: str) -> int:
+    """``"220M"`` -> 220_000_000 (K, M, B suffixes)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMbBgG]?)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"cannot read parameter count {text!r}; write e.g. 220M or 1.1B")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}[m[2].lower()]
+    return int(float(m[1]) * scale)
+
+
+def shape_for(params: int) -> LlamaShape:
+    """A Llama shape with about ``params`` parameters: width from the size, depth to fill the rest."""
+    hidden = 256 if params < 30 * MB else 512 if params < 100 * MB else 1024 if params < 600 * MB else 2048
+    vocab = VOCAB if params >= 30 * MB else 4096
+    inter = 64 * round(2.75 * hidden / 64)
+    per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
+    layers = max(1, round((params - 2 * vocab * hidden - hidden) / per_layer))
+    return LlamaShape(layers, hidden, inter, vocab, hidden // 64)
+
+
+def _tensor(shape: tuple[int, ...], seed: int, name: str, scale: float, offset: float) -> Any:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    base = 1.0 if name.endswith("norm.weight") else 0.0
+    return (offset * base + scale * torch.randn(shape, generator=g)).contiguous()
+
+
+def _write_model(folder: Path, shape: LlamaShape, model: int) -> None:
+    """Model 0 is the base; model k > 0 is the base plus 0.002 * N(0, 1) noise. Sharded at SHARD_BYTES."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(shape.config(), indent=2))
+    shards: list[dict[str, Any]] = [{}]
+    size = 0
+    for idx, (name, s) in enumerate(shape.tensors().items()):
+        t = _tensor(s, 1000 * idx, name, 0.02, 1.0)
+        if model:
+            t += _tensor(s, 1000 * idx + model, name, 0.002, 0.0)
+        if shards[-1] and size + t.numel() * 4 > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.numel() * 4
+    n = len(shards)
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    index = {"metadata": {"total_size": 4 * shape.params}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def build_checkpoints(root: Path, shape: LlamaShape, n_models: int = 4) -> list[Path]:
+    """Base + experts under ``root`` (``model0`` is the base); built once, atomically, then reused."""
+    if (root / "DONE").exists():
+        return [root / f"model{k}" for k in range(n_models)]
+    if root.exists():
+        shutil.rmtree(root)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=_mkdir(root.parent)))
+    start = time.perf_counter()
+    for k in range(n_models):
+        _write_model(tmp / f"model{k}", shape, k)
+    (tmp / "DONE").write_text(json.dumps(asdict(shape)))
+    os.replace(tmp, root)
+    print(f"built {n_models} checkpoints of {shape.params / 1e6:.1f}M params in {root} "
+          f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    return [root / f"model{k}" for k in range(n_models)]
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("UNIMERGE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "unimerge"
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def merge_config(method: str, models: list[Path]) -> dict[str, Any]:
+    """A mergekit YAML config (also unimerge's) for ``method`` over ``models`` (``models[0]`` = base)."""
+    base, experts = str(models[0]), [str(m) for m in models[1:]]
+    if method == "linear":  # plain average of all four
+        specs = [{"model": str(m), "parameters": {"weight": 1.0}} for m in models]
+        return {"merge_method": "linear", "models": specs, "parameters": {"normalize": True}, "dtype": "float32"}
+    if method == "slerp":
+        return {"merge_method": "slerp", "base_model": base,
+                "models": [{"model": base}, {"model": experts[0]}],
+                "parameters": {"t": 0.5}, "dtype": "float32"}  # fmt: skip
+    specs = [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in experts]
+    return {"merge_method": method, "base_model": base, "models": specs,
+            "parameters": {"normalize": True}, "dtype": "float32"}  # fmt: skip
+
+
+def n_inputs(method: str) -> int:
+    return 2 if method == "slerp" else 4
+
+
+# ----------------------------------------------------------------------------- child processes
+
+
+def child_floor(inputs: list[str], out: str) -> float:
+    """Read every tensor of every input; write the base's tensors back out, sharded, with fsync."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    start = time.perf_counter()
+    index = [json.loads((Path(m) / "model.safetensors.index.json").read_text())["weight_map"] for m in inputs]
+    handles: dict[str, Any] = {}
+    Path(out).mkdir(parents=True)
+    shard: dict[str, Any] = {}
+    size, files = 0, []
+
+    def flush() -> None:
+        path = Path(out) / f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        files.append(path)
+
+    for name in index[0]:
+        tensors = []
+        for root, wmap in zip(inputs, index, strict=True):
+            file = str(Path(root) / wmap[name])
+            if file not in handles:
+                handles[file] = safe_open(file, framework="pt")
+            tensors.append(handles[file].get_tensor(name))
+        nbytes = tensors[0].numel() * tensors[0].element_size()
+        if shard and size + nbytes > SHARD_BYTES:
+            flush()
+            shard, size = {}, 0
+        shard[name] = tensors[0]
+        size += nbytes
+    flush()
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    return time.perf_counter() - start
+
+
+def child_merge(config: str, out: str, threads: int) -> float:
+    """``run_merge`` as ``unimerge merge CONFIG OUT --threads N --out-shard-size 1GB`` runs it."""
+    from unimerge.execute import RunOptions, run_merge
+
+    start = time.perf_counter()
+    run_merge(config, out, RunOptions(threads=threads, out_shard_size=SHARD_BYTES, seed=0))
+    return time.perf_counter() - start
+
+
+def child_main(argv: list[str]) -> None:
+    kind, payload = argv[0], json.loads(argv[1])
+    if kind == "floor":
+        seconds = child_floor(payload["inputs"], payload["out"])
+    else:
+        seconds = child_merge(payload["config"], payload["out"], payload["threads"])
+    print(json.dumps({"inner_s": seconds}))
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Run:
+    """One timed subprocess."""
+
+    label: str
+    wall_s: float  # the process, start to exit
+    inner_s: float | None  # the timed section inside it (None for mergekit)
+    peak_rss_mb: float  # ru_maxrss from wait4
+    peak_anon_mb: float  # max RssAnon seen polling /proc (excludes mmapped file pages)
+
+
+def _poll_anon(pid: int, stop: threading.Event, peak: list[int]) -> None:
+    path = f"/proc/{pid}/status"
+    while not stop.is_set():
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            return
+        m = re.search(r"RssAnon:\s+(\d+) kB", text)
+        if m:
+            peak[0] = max(peak[0], int(m[1]))
+        stop.wait(0.02)
+
+
+def measure(label: str, cmd: list[str]) -> Run:
+    """Run ``cmd`` in a fresh process: wall time, its own peak RSS (``wait4``) and its peak RssAnon."""
+    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe)
+        stop, peak = threading.Event(), [0]
+        poller = threading.Thread(target=_poll_anon, args=(proc.pid, stop, peak), daemon=True)
+        poller.start()
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not all children's
+        wall = time.perf_counter() - start
+        stop.set()
+        poller.join()
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
+        fo.seek(0)
+        fe.seek(0)
+        out, err = fo.read().decode(errors="replace"), fe.read().decode(errors="replace")
+    if code != 0:
+        tail = "\n".join(err.strip().splitlines()[-15:])
+        raise SystemExit(f"{label} failed (exit {code}): {' '.join(cmd)}\n{tail}")
+    inner = next((json.loads(ln)["inner_s"] for ln in reversed(out.splitlines()) if ln.startswith('{"inner_s"')),
+                 None)  # fmt: skip
+    return Run(label, wall, inner, usage.ru_maxrss * 1024 / MB, peak[0] * 1024 / MB)
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+@dataclass
+class Row:
+    """One method's result (medians over repeats)."""
+
+    method: str
+    n_inputs: int
+    wall_s: float
+    floor_s: float
+    ratio: float
+    process_s: float
+    peak_rss_mb: float
+    peak_anon_mb: float
+    rss_bound_mb: float
+    target_ratio: float | None
+    mergekit_s: float | None = None
+    mergekit_rss_mb: float | None = None
+    speedup: float | None = None
+
+
+class Bench:
+    """Runs floors, unimerge and mergekit in fresh subprocesses, writing to a scratch folder."""
+
+    def __init__(self, models: list[Path], work: Path, threads: int, mergekit: str | None) -> None:
+        self.models, self.work, self.threads, self.mergekit = models, work, threads, mergekit
+        self.runs: list[Run] = []
+
+    def _out(self) -> Path:
+        out = self.work / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        return out
+
+    def _config(self, method: str) -> Path:
+        path = self.work / f"{method}.yaml"
+        import yaml
+
+        path.write_text(yaml.safe_dump(merge_config(method, self.models), sort_keys=False))
+        return path
+
+    def _child(self, label: str, kind: str, payload: dict[str, Any]) -> Run:
+        run = measure(label, [sys.executable, __file__, "_child", kind, json.dumps(payload)])
+        shutil.rmtree(payload["out"], ignore_errors=True)
+        self.runs.append(run)
+        print(f"  {label:<16} {run.inner_s:7.2f} s  (process {run.wall_s:6.2f} s, peak RSS "
+              f"{run.peak_rss_mb:7.0f} MB, anon {run.peak_anon_mb:7.0f} MB)", file=sys.stderr)
+        return run
+
+    def floor(self, n: int) -> Run:
+        inputs = [str(m) for m in self.models[:n]]
+        return self._child(f"floor/{n}", "floor", {"inputs": inputs, "out": str(self._out())})
+
+    def unimerge(self, method: str) -> Run:
+        payload = {"config": str(self._config(method)), "out": str(self._out()), "threads": self.threads}
+        return self._child(method, "merge", payload)
+
+    def mergekit_run(self, method: str) -> Run:
+        out = self._out()
+        cmd = [str(self.mergekit), str(self._config(method)), str(out), "--out-shard-size", "1B",
+               "--lazy-unpickle", "--allow-crimes", "--no-copy-tokenizer"]  # fmt: skip
+        run = measure(f"mergekit/{method}", cmd)
+        shutil.rmtree(out, ignore_errors=True)
+        self.runs.append(run)
+        print(f"  {run.label:<16} {run.wall_s:7.2f} s  (peak RSS {run.peak_rss_mb:7.0f} MB)", file=sys.stderr)
+        return run
+
+
+def run_method(bench: Bench, method: str, repeats: int, largest: int) -> Row:
+    """``repeats`` x (floor over the same inputs, then the method); medians of times and ratios."""
+    n = n_inputs(method)
+    floors, merges = [], []
+    for _ in range(repeats):
+        floors.append(bench.floor(n))
+        merges.append(bench.unimerge(method))
+    ratios = [m.inner_s / f.inner_s for f, m in zip(floors, merges, strict=True)]
+    row = Row(
+        method=method, n_inputs=n,
+        wall_s=statistics.median(m.inner_s for m in merges),
+        floor_s=statistics.median(f.inner_s for f in floors),
+        ratio=statistics.median(ratios),
+        process_s=statistics.median(m.wall_s for m in merges),
+        peak_rss_mb=max(m.peak_rss_mb for m in merges),
+        peak_anon_mb=max(m.peak_anon_mb for m in merges),
+        rss_bound_mb=((n + 3) * largest + 500 * MB) / MB,
+        target_ratio=TARGETS.get(method),
+    )  # fmt: skip
+    if bench.mergekit:
+        mk = [bench.mergekit_run(method) for _ in range(repeats)]
+        row.mergekit_s = statistics.median(r.wall_s for r in mk)
+        row.mergekit_rss_mb = max(r.peak_rss_mb for r in mk)
+        row.speedup = row.mergekit_s / row.process_s
+    return row
+
+
+def _verdict(row: Row) -> str:
+    ok = [row.peak_rss_mb <= row.rss_bound_mb]
+    if row.target_ratio is not None:
+        ok.append(row.ratio <= row.target_ratio)
+    if row.speedup is not None:
+        ok.append(row.speedup >= MIN_SPEEDUP)
+    return "ok" if all(ok) else "MISSED"
+
+
+def table(rows: list[Row], with_mergekit: bool) -> str:
+    """The results as a markdown table."""
+    head = ["method", "inputs", "wall s", "floor s", "ratio", "target", "peak RSS MB", "anon RSS MB",
+            "RSS bound MB"]  # fmt: skip
+    if with_mergekit:
+        head += ["process s", "mergekit s", "mergekit RSS MB", "speedup"]
+    lines = ["| " + " | ".join(head + ["verdict"]) + " |", "|" + "---|" * (len(head) + 1)]
+    for r in rows:
+        cells = [r.method, str(r.n_inputs), f"{r.wall_s:.2f}", f"{r.floor_s:.2f}", f"{r.ratio:.2f}x",
+                 f"<= {r.target_ratio}x" if r.target_ratio else "-", f"{r.peak_rss_mb:.0f}",
+                 f"{r.peak_anon_mb:.0f}", f"{r.rss_bound_mb:.0f}"]  # fmt: skip
+        if with_mergekit:
+            cells += [f"{r.process_s:.2f}", f"{r.mergekit_s:.2f}", f"{r.mergekit_rss_mb:.0f}",
+                      f"{r.speedup:.2f}x"]  # fmt: skip
+        lines.append("| " + " | ".join(cells + [_verdict(r)]) + " |")
+    return "\n".join(lines)
+
+
+def find_mergekit(path: str | None) -> str:
+    """The ``mergekit-yaml`` executable, or exit with how to install it."""
+    exe = shutil.which(path or "mergekit-yaml")
+    if exe is None:
+        raise SystemExit(
+            f"--vs-mergekit: {path or 'mergekit-yaml'} not found. Install mergekit in its own venv, e.g. "
+            "`python -m venv /tmp/mk-venv && /tmp/mk-venv/bin/pip install torch==2.13.0 mergekit`, "
+            "then pass --mergekit-bin /tmp/mk-venv/bin/mergekit-yaml."
+        )
+    return exe
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--params", type=parse_count, default=parse_count("220M"), help="model size (default 220M)")
+    p.add_argument("--threads", type=int, default=2, help="unimerge worker threads (default 2)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--repeats", type=int, default=1, help="runs per method; medians are reported")
+    p.add_argument("--vs-mergekit", action="store_true", help="also time mergekit-yaml on the same configs")
+    p.add_argument("--mergekit-bin", default=None, help="path of mergekit-yaml (default: from PATH)")
+    p.add_argument("--cache", type=Path, default=None, help="checkpoint cache (default $UNIMERGE_CACHE/bench-speed)")
+    p.add_argument("--work", type=Path, default=None, help="scratch folder for outputs (default: a temp dir)")
+    p.add_argument("--out-json", type=Path, default=None, help="also write the results as JSON")
+    args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = sorted(set(args.methods) - set(METHODS))
+    if bad:
+        p.error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    return args
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    mergekit = find_mergekit(args.mergekit_bin) if args.vs_mergekit else None
+    shape = shape_for(args.params)
+    label = f"{round(shape.params / 1e6)}M"
+    root = (args.cache or cache_dir() / "bench-speed") / label
+    models = build_checkpoints(root, shape)
+    work = args.work or Path(tempfile.mkdtemp(prefix="unimerge-speed-"))
+    print(f"{label} params ({shape}), largest tensor {shape.largest_bytes / MB:.0f} MB, "
+          f"threads {args.threads}, {os.cpu_count()} CPUs", file=sys.stderr)
+    bench = Bench(models, _mkdir(work), args.threads, mergekit)
+    try:
+        bench.floor(4)  # warm-up: pulls every input into the page cache (not reported)
+        rows = [run_method(bench, m, args.repeats, shape.largest_bytes) for m in args.methods]
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{label} parameters, {len(models)} fp32 checkpoints of {4 * shape.params / 1e9:.2f} GB, "
+          f"threads={args.threads}, repeats={args.repeats}, {time.strftime('%Y-%m-%d %H:%M')}\n")
+    print(table(rows, mergekit is not None))
+    if args.out_json:
+        blob = {"params": shape.params, "shape": asdict(shape), "threads": args.threads, "repeats": args.repeats,
+                "rows": [asdict(r) for r in rows], "runs": [asdict(r) for r in bench.runs],
+                "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpus": os.cpu_count()}  # fmt: skip
+        args.out_json.write_text(json.dumps(blob, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        child_main(sys.argv[2:])
+    else:
+        main(sys.argv[1:])
