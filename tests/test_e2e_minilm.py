@@ -67,11 +67,11 @@ def _merge_cli(config: dict, tmp_path: Path) -> Path:
     return out
 
 
-def _embed(folder: Path, tokenizer_dir: Path) -> torch.Tensor:
-    """Attention-masked mean of the last hidden states, ``(len(TEXTS), hidden)``."""
+def _embed(folder: Path) -> torch.Tensor:
+    """Attention-masked mean of the last hidden states, ``(len(TEXTS), hidden)``; tokenizer from ``folder``."""
     from transformers import AutoModel, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder).eval()
     batch = tok(TEXTS, padding=True, return_tensors="pt")
     with torch.inference_mode():
@@ -80,8 +80,15 @@ def _embed(folder: Path, tokenizer_dir: Path) -> torch.Tensor:
     return (hidden * mask).sum(1) / mask.sum(1)
 
 
+@pytest.fixture(scope="module")
+def base_embedding(minilm: dict[str, Path]) -> torch.Tensor:
+    return _embed(minilm["base"])
+
+
 @pytest.mark.parametrize("method", sorted(CASES))
-def test_cli_merge_of_minilm_experts(minilm: dict[str, Path], method: str, tmp_path: Path) -> None:
+def test_cli_merge_of_minilm_experts(
+    minilm: dict[str, Path], base_embedding: torch.Tensor, method: str, tmp_path: Path
+) -> None:
     params, per_model = CASES[method]
     experts = ["e1", "e2", "e3"]
     config = {
@@ -106,7 +113,7 @@ def test_cli_merge_of_minilm_experts(minilm: dict[str, Path], method: str, tmp_p
     changed = [n for n, t in merged.items() if t.is_floating_point() and not torch.equal(t, base_sd[n])]
     assert len(changed) > 90  # the merge moved (almost) every float tensor away from the base
 
-    emb, ref = _embed(out, out), _embed(minilm["base"], minilm["base"])
+    emb, ref = _embed(out), base_embedding  # the tokenizer files were copied from the base
     assert emb.shape == (len(TEXTS), 384)
     assert torch.isfinite(emb).all()
     cos = torch.nn.functional.cosine_similarity(emb, ref, dim=-1)

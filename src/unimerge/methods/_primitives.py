@@ -80,11 +80,14 @@ def _selectable(x: Tensor) -> Tensor:
     return flat
 
 
-def _bracketed_kth(flat: Tensor, k: int) -> Tensor | None:
-    """The k-th largest entry, found inside a narrow value band estimated from a sample.
+def _bracketed_select(flat: Tensor, k: int) -> tuple[Tensor, int, Tensor] | None:
+    """Select the k-th largest entry inside a narrow value band estimated from a sample.
 
     A fixed-seed random sample brackets the k-th value; one pass counts the entries above the
     bracket and an exact ``kthvalue`` runs on the (small) band. ``None`` if the bracket missed.
+
+    Returns:
+        ``(threshold, number of entries >= threshold, ascending flat indices equal to it)``.
     """
     n = flat.numel()
     g = torch.Generator(device=flat.device).manual_seed(0)
@@ -97,11 +100,23 @@ def _bracketed_kth(flat: Tensor, k: int) -> Tensor | None:
     above = int(torch.count_nonzero(flat > hi))
     if above >= k:
         return None
-    band = flat[(flat >= lo) & (flat <= hi)]  # (m,), m << n
+    where = torch.nonzero((flat >= lo) & (flat <= hi)).reshape(-1)  # (m,), m << n, ascending
+    band = flat[where]
     rest = k - above
     if rest > band.numel():
         return None
-    return torch.kthvalue(band, band.numel() - rest + 1).values
+    thresh = torch.kthvalue(band, band.numel() - rest + 1).values
+    n_ge = above + int(torch.count_nonzero(band >= thresh))
+    return thresh, n_ge, where[band == thresh]
+
+
+def _select(flat: Tensor, k: int) -> tuple[Tensor, int | None, Tensor | None]:
+    """``(k-th largest value, count >= it, indices equal to it)``; the last two may be unknown."""
+    if flat.numel() > 16 * _SAMPLE:
+        found = _bracketed_select(flat, k)
+        if found is not None:
+            return found
+    return torch.kthvalue(flat, flat.numel() - k + 1).values, None, None
 
 
 def kth_largest(flat: Tensor, k: int) -> Tensor:
@@ -110,12 +125,7 @@ def kth_largest(flat: Tensor, k: int) -> Tensor:
     Large tensors use a sampled bracket plus ``kthvalue`` on the band (about 3x faster than
     ``kthvalue`` on the whole tensor); the result is exact either way.
     """
-    n = flat.numel()
-    if n > 16 * _SAMPLE:
-        value = _bracketed_kth(flat, k)
-        if value is not None:
-            return value
-    return torch.kthvalue(flat, n - k + 1).values
+    return _select(flat, k)[0]
 
 
 def topk_mask(scores: Tensor, k: int, *, out: Tensor | None = None) -> Tensor:
@@ -130,11 +140,11 @@ def topk_mask(scores: Tensor, k: int, *, out: Tensor | None = None) -> Tensor:
         fill = k >= n
         return torch.full_like(scores, fill, dtype=torch.bool) if out is None else out.fill_(float(fill))
     flat = _selectable(scores)
-    thresh = kth_largest(flat, k)
+    thresh, n_ge, ties = _select(flat, k)
     mask = flat >= thresh if out is None else torch.ge(flat, thresh, out=out.view(-1))
-    extra = int(torch.count_nonzero(mask)) - k
+    extra = (int(torch.count_nonzero(mask)) if n_ge is None else n_ge) - k
     if extra > 0:  # ties at the threshold: keep the lowest indices
-        ties = torch.nonzero(flat == thresh).reshape(-1)
+        ties = torch.nonzero(flat == thresh).reshape(-1) if ties is None else ties
         mask[ties[ties.numel() - extra :]] = 0
     return mask.reshape(scores.shape)
 

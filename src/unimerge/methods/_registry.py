@@ -49,9 +49,11 @@ __all__ = [
     "register_method",
 ]
 
-Family = Literal["average", "task_arithmetic", "sparsify", "geometric", "subspace", "mask", "optimise", "layer"]
+Family = Literal[
+    "average", "task_arithmetic", "sparsify", "geometric", "subspace", "mask", "optimise", "layer", "data", "moe"
+]
 DataNeeds = Literal["none", "unlabeled", "labeled"]
-Inputs = Literal["deltas", "tensors"]
+Inputs = Literal["deltas", "tensors", "problem"]  # "problem": data-aware, see unimerge.modelmerge
 Scope = Literal["tensor", "model"]
 
 
@@ -259,3 +261,4 @@ def list_methods(family: str | None = None, data: str | None = None) -> list[Met
 
 def _ensure_builtin() -> None:
     import unimerge.methods  # noqa: F401  (registers the built-in methods on first import)
+    import unimerge.modelmerge  # noqa: F401  (data-aware methods)
