@@ -370,8 +370,9 @@ class Bench:
 
     def mergekit_run(self, method: str) -> Run:
         out = self._out()
-        cmd = [str(self.mergekit), str(self._config(method)), str(out), "--out-shard-size", "1B",
-               "--lazy-unpickle", "--allow-crimes", "--no-copy-tokenizer"]  # fmt: skip
+        shard_params = str(SHARD_BYTES // 4)  # mergekit counts parameters per shard, not bytes
+        cmd = [str(self.mergekit), str(self._config(method)), str(out), "--out-shard-size", shard_params,
+               "--lazy-unpickle", "--no-copy-tokenizer", "--random-seed", "0", "--quiet"]  # fmt: skip
         run = measure(f"mergekit/{method}", cmd)
         shutil.rmtree(out, ignore_errors=True)
         self.runs.append(run)

@@ -71,14 +71,14 @@ SUITES: dict[str, Suite] = {
             tasks=(TaskSpec("rt_sentiment"), TaskSpec("twitter_sentiment"), TaskSpec("bbc_topic"),
                    TaskSpec("autos_electronics"), TaskSpec("health_source"), TaskSpec("news_outlet"),
                    TaskSpec("boolq", 128), TaskSpec("privacy_qa", 128)),
-            n_val=200, n_test=400, n_train=4000, steps=200, mtl_steps=800,
-            description="8 text classification tasks, MiniLM-L6 experts (about an hour on 2 CPU cores, cold)",
+            n_val=200, n_test=400, n_train=3000, steps=200, mtl_steps=800, batch_size=16,
+            description="8 text classification tasks, MiniLM-L6 experts, every data-free method",
         ),
         Suite(
             "quick",
             tasks=(TaskSpec("rt_sentiment"), TaskSpec("twitter_sentiment"), TaskSpec("autos_electronics"),
                    TaskSpec("health_source")),
-            n_val=100, n_test=200, n_train=2000, steps=100, mtl_steps=200,
+            n_val=100, n_test=200, n_train=1000, steps=100, mtl_steps=200, batch_size=16,
             default_methods=("linear", "task_arithmetic", "ties", "tsv"),
             description="4 tasks, short budgets; core methods by default (all of them would break the "
             "1-minute cached target)",

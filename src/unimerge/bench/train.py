@@ -100,7 +100,7 @@ def _fit(encoder: nn.Module, heads: nn.ModuleDict, tasks: Sequence[TaskData], st
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_val = float(loss)
+        loss_val = loss.detach().item()
         if tick:
             tick(1)
     encoder.eval()

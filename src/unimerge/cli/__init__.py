@@ -139,13 +139,16 @@ def methods(
     _out.print(table)
 
 
-def _register_bench() -> None:
+def _register_subcommands() -> None:
     from unimerge.cli.bench import bench
+    from unimerge.cli.masks import masks, task
 
     app.command("bench")(bench)
+    app.command("masks")(masks)
+    app.command("task")(task)
 
 
-_register_bench()
+_register_subcommands()
 
 
 def main() -> None:

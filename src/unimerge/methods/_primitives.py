@@ -48,6 +48,7 @@ RescaleNorm = Literal["density", "l1", "l2", "linf"]
 
 _SAMPLE = 1 << 16  # sample size used to bracket the k-th value of large tensors
 _EPS = 1e-7  # mergekit's tolerance for norm rescaling
+_CHUNK = 1 << 18  # entries per slice in chunked loops (1 MiB of float32 per buffer)
 
 
 def expand_like(v: Tensor, x: Tensor) -> Tensor:
@@ -67,9 +68,9 @@ def fraction(v: Tensor | float) -> float:
     the shortest decimal that round-trips the float32 value restores ``0.7``, so counts
     ``int(fraction * numel)`` match mergekit's (float64) arithmetic.
     """
-    if isinstance(v, Tensor) and v.dtype == torch.float64:
-        return float(v)
-    return float(str(np.float32(float(v))))
+    if isinstance(v, Tensor) and v.dtype == torch.float32:
+        return float(str(np.float32(v.item())))
+    return float(v)
 
 
 def _selectable(x: Tensor) -> Tensor:
@@ -191,7 +192,9 @@ def _sparsify(x: Tensor, density: Tensor, masker: Masker, *, rescale: bool, norm
     return out
 
 
-def sparsify_magnitude(x: Tensor, density: Tensor, *, rescale: bool = False, norm: RescaleNorm = "l1") -> Tensor:
+def sparsify_magnitude(
+    x: Tensor, density: Tensor, *, rescale: bool = False, norm: RescaleNorm = "l1"
+) -> Tensor:
     """Keep the top ``density[i]`` fraction of entries of each ``x[i]`` by magnitude (TIES trim).
 
     ``k = int(density * numel)`` as in the TIES reference code and mergekit; ``density >= 1`` keeps all.
@@ -298,31 +301,61 @@ def elect_sign(x: Tensor, method: SignMethod = "sum") -> Tensor:
     return torch.where(positive, x > 0, x < 0)
 
 
-def consensus_sums(x: Tensor, weights: Tensor | None = None, method: SignMethod = "sum") -> tuple[Tensor, Tensor]:
-    """TIES elect-and-sum in one pass: ``masked_sums(x, elect_sign(x, method), weights)``.
+def _consensus_chunk(
+    x: Tensor, w: list[float], method: SignMethod, scales: list[float] | None
+) -> tuple[Tensor, Tensor]:
+    """:func:`consensus_sums` of a slice ``(n, c)`` (small, so its buffers stay in cache)."""
+    pos, neg, pos_w, neg_w, scratch = (torch.zeros_like(x[0]) for _ in range(5))  # (c,) each
+    votes = torch.zeros_like(x[0]) if method == "count" or scales is not None else None
+    for i in range(x.shape[0]):
+        s = 1.0 if scales is None else scales[i]
+        pos.add_(torch.clamp(x[i], min=0, out=scratch), alpha=s)
+        neg.add_(torch.clamp(x[i], max=0, out=scratch), alpha=s)
+        if votes is not None and method == "sum":
+            votes.add_(x[i])
+        pos_w.add_(torch.gt(x[i], 0, out=scratch), alpha=w[i])
+        if votes is not None and method == "count":
+            votes.add_(scratch)
+        neg_w.add_(torch.lt(x[i], 0, out=scratch), alpha=w[i])
+        if votes is not None and method == "count":
+            votes.sub_(scratch)
+    elected = torch.add(pos, neg, out=scratch) if votes is None else votes  # its sign decides
+    positive = elected.ge_(0)  # 1.0 where + is elected (ties elect +), else 0.0
+    return neg.lerp_(pos, positive), neg_w.lerp_(pos_w, positive)  # lerp by 0/1 selects exactly
+
+
+def consensus_sums(
+    x: Tensor,
+    weights: Tensor | None = None,
+    method: SignMethod = "sum",
+    *,
+    normalize: bool = False,
+    scales: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """TIES elect-and-sum: ``masked_sums(x * scales, elect_sign(x, method), weights)`` without masks.
 
     Accumulates the positive and negative parts of ``x`` and their models' weights (counts without
-    ``weights``), then picks the elected side per entry, so no ``(n, *shape)`` mask is built.
+    ``weights``) and picks the elected side per entry, in chunks of ``x``'s flattened entries, so
+    only the two results are full-size. ``scales`` (``(n,)``, non-negative) multiply each model's
+    entries in the sum but not in the election (SCE). With ``normalize`` the first result is divided
+    by the second (a zero divisor counts as 1), as mergekit does.
 
     Returns:
         ``(sum of the entries agreeing with the elected sign, sum of their models' weights)``, each
         ``(*shape)``.
     """
-    pos, neg, pos_w, neg_w, scratch = (torch.zeros_like(x[0]) for _ in range(5))  # (*shape) each
-    votes = torch.zeros_like(x[0]) if method == "count" else None
-    for i in range(x.shape[0]):
-        w = 1.0 if weights is None else float(weights[i])
-        pos.add_(torch.clamp(x[i], min=0, out=scratch))
-        neg.add_(torch.clamp(x[i], max=0, out=scratch))
-        pos_w.add_(torch.gt(x[i], 0, out=scratch), alpha=w)
-        if votes is not None:
-            votes.add_(scratch)
-        neg_w.add_(torch.lt(x[i], 0, out=scratch), alpha=w)
-        if votes is not None:
-            votes.sub_(scratch)
-    elected = torch.add(pos, neg, out=scratch) if votes is None else votes  # sign decides
-    positive = elected.ge_(0)  # 1.0 where + is elected (ties elect +), else 0.0
-    return neg.lerp_(pos, positive), neg_w.lerp_(pos_w, positive)  # lerp by 0/1 selects exactly
+    n = x.shape[0]
+    w = [1.0] * n if weights is None else [float(v) for v in weights]
+    sc = None if scales is None else [float(v) for v in scales]
+    flat = x.reshape(n, -1)  # (n, m)
+    num, den = torch.empty_like(flat[0]), torch.empty_like(flat[0])  # (m,) each
+    for start in range(0, flat.shape[1], _CHUNK):
+        stop = start + _CHUNK
+        part_num, part_den = _consensus_chunk(flat[:, start:stop], w, method, sc)
+        if normalize:
+            part_num.div_(part_den.masked_fill_(part_den == 0, 1.0))
+        num[start:stop], den[start:stop] = part_num, part_den
+    return num.reshape(x.shape[1:]), den.reshape(x.shape[1:])
 
 
 def masked_sums(x: Tensor, mask: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:

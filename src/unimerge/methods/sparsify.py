@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
@@ -44,9 +44,7 @@ from torch import Tensor
 from unimerge.methods._primitives import (
     SignMethod,
     consensus_sums,
-    elect_sign,
     expand_like,
-    masked_sums,
     sparsify_breadcrumbs,
     sparsify_magnitude,
     sparsify_random,
@@ -91,7 +89,9 @@ class DellaWeight(DensityWeight):
 
     @model_validator(mode="after")
     def _check_range(self) -> DellaWeight:
-        if self.density < 1.0 and not (self.density - self.epsilon > 0.0 and self.density + self.epsilon < 1.0):
+        if self.density < 1.0 and not (
+            self.density - self.epsilon > 0.0 and self.density + self.epsilon < 1.0
+        ):
             raise ValueError(
                 f"DELLA keep probabilities density +/- epsilon must lie in (0, 1), got density={self.density}, "
                 f"epsilon={self.epsilon}; lower epsilon or move density away from 0 and 1"
@@ -99,7 +99,9 @@ class DellaWeight(DensityWeight):
         return self
 
 
-def _magnitude(x: Tensor, pm: Mapping[str, Tensor], rescale: bool, generator: torch.Generator | None) -> Tensor:
+def _magnitude(
+    x: Tensor, pm: Mapping[str, Tensor], rescale: bool, generator: torch.Generator | None
+) -> Tensor:
     return sparsify_magnitude(x, pm["density"], rescale=rescale, norm="l1")
 
 
@@ -107,12 +109,16 @@ def _random(x: Tensor, pm: Mapping[str, Tensor], rescale: bool, generator: torch
     return sparsify_random(x, pm["density"], rescale=rescale, generator=generator, norm="l1")
 
 
-def _outliers(x: Tensor, pm: Mapping[str, Tensor], rescale: bool, generator: torch.Generator | None) -> Tensor:
+def _outliers(
+    x: Tensor, pm: Mapping[str, Tensor], rescale: bool, generator: torch.Generator | None
+) -> Tensor:
     return sparsify_breadcrumbs(x, pm["density"], pm["gamma"], rescale=rescale, norm="l1")
 
 
 def _rank(x: Tensor, pm: Mapping[str, Tensor], rescale: bool, generator: torch.Generator | None) -> Tensor:
-    return sparsify_rank_magnitude(x, pm["density"], pm["epsilon"], rescale=rescale, generator=generator, norm="l1")
+    return sparsify_rank_magnitude(
+        x, pm["density"], pm["epsilon"], rescale=rescale, generator=generator, norm="l1"
+    )
 
 
 def generalized_task_arithmetic(
@@ -151,8 +157,8 @@ def generalized_task_arithmetic(
         divisor: Tensor | float = 1.0 if abs(total) < 1e-8 else total
     else:
         weighted = weighted if weighted is not None else x * expand_like(w, x)
-        mixed, divisor = consensus_sums(weighted, w, consensus)  # (*shape) each
-        divisor = divisor.masked_fill_(divisor == 0, 1.0)
+        mixed, _ = consensus_sums(weighted, w, consensus, normalize=normalize)  # (*shape)
+        return mixed.mul_(lam) if lam != 1.0 else mixed
     if normalize:
         mixed = mixed.div_(divisor)
     return mixed.mul_(lam) if lam != 1.0 else mixed
@@ -169,7 +175,7 @@ class _Variant:
     model_params: type[BaseModel]
     paper: str
     grid: dict[str, tuple[Any, ...]]
-    family: str = "sparsify"
+    family: Literal["sparsify", "task_arithmetic"] = "sparsify"
     random: bool = False
 
 
@@ -178,22 +184,43 @@ def _register(v: _Variant) -> None:
     params = create_model(
         "".join(p.title() for p in v.name.split("_")) + "Params",
         __base__=GTAParams,
-        normalize=(bool, Field(default=v.normalize, description=GTAParams.model_fields["normalize"].description)),
+        normalize=(
+            bool,
+            Field(default=v.normalize, description=GTAParams.model_fields["normalize"].description),
+        ),
         rescale=(bool, Field(default=v.rescale, description=GTAParams.model_fields["rescale"].description)),
     )
 
-    def merge(x: Tensor, p: Any, per_model: Mapping[str, Tensor], *, base: Tensor | None,
-              generator: torch.Generator | None) -> Tensor:
+    def merge(
+        x: Tensor,
+        p: Any,
+        per_model: Mapping[str, Tensor],
+        *,
+        base: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> Tensor:
         return generalized_task_arithmetic(
-            x, per_model, sparsifier=v.sparsifier, consensus=v.consensus, normalize=p.normalize,
-            rescale=p.rescale, lam=p.lambda_, generator=generator,
+            x,
+            per_model,
+            sparsifier=v.sparsifier,
+            consensus=v.consensus,
+            normalize=p.normalize,
+            rescale=p.rescale,
+            lam=p.lambda_,
+            generator=generator,
         )
 
     merge.__name__ = merge.__qualname__ = v.name
     merge.__doc__ = v.summary
     register_method(
-        v.name, params=params, model_params=v.model_params, family=v.family, needs_base=True,  # type: ignore[arg-type]
-        paper=v.paper, random=v.random, grid=v.grid,
+        v.name,
+        params=params,
+        model_params=v.model_params,
+        family=v.family,
+        needs_base=True,
+        paper=v.paper,
+        random=v.random,
+        grid=v.grid,
     )(merge)
 
 
@@ -202,29 +229,41 @@ _TIES = "https://arxiv.org/abs/2306.01708"
 _DARE = "https://arxiv.org/abs/2311.03099"
 _CRUMBS = "https://arxiv.org/abs/2312.06795"
 _DELLA = "https://arxiv.org/abs/2406.11617"
-_SUMMED_GRID = {"density": (0.3, 0.5), "lambda": (0.3, 0.5, 0.7)}  # unnormalised sums of 4-8 experts
+
+_ONLY_LAMBDA = {"lambda": (0.3, 0.5, 0.7, 1.0)}
+_MEAN_GRID = {"density": (0.2, 0.5), "lambda": (0.7, 1.0, 1.5)}  # normalised (mean) merges
+_SUM_GRID = {"density": (0.3, 0.5), "lambda": (0.3, 0.5, 0.7)}  # unnormalised sums of 4-8 experts
+_CRUMB_GRID = {"density": (0.5, 0.9), "lambda": (0.3, 0.5, 0.7)}
+
 
 _VARIANTS = (
     _Variant("task_arithmetic", "Task arithmetic: base + lambda * sum_i w_i tau_i (negative weights negate).",
-             None, None, False, False, DensityWeight, _TA, {"lambda": (0.3, 0.5, 0.7, 1.0)},
+             None, None, normalize=False, rescale=False, model_params=DensityWeight, paper=_TA, grid=_ONLY_LAMBDA,
              family="task_arithmetic"),
     _Variant("magnitude_prune", "Magnitude pruning of each task vector (TIES trim), then a weighted sum.",
-             _magnitude, None, False, False, DensityWeight, _TIES, {"density": (0.2, 0.5), "lambda": (0.3, 0.5, 1.0)}),
+             _magnitude, None, normalize=False, rescale=False, model_params=DensityWeight, paper=_TIES,
+             grid={"density": (0.2, 0.5), "lambda": (0.3, 0.5, 1.0)}),
     _Variant("ties", "TIES: trim by magnitude, elect sign, disjoint weighted mean.",
-             _magnitude, "sum", True, False, DensityWeight, _TIES, {"density": (0.2, 0.5), "lambda": (0.7, 1.0, 1.5)}),
+             _magnitude, "sum", normalize=True, rescale=False, model_params=DensityWeight, paper=_TIES, grid=_MEAN_GRID),
     _Variant("dare_linear", "DARE: random drop with rescale, then a weighted sum.",
-             _random, None, False, True, DensityWeight, _DARE, _SUMMED_GRID, random=True),
+             _random, None, normalize=False, rescale=True, model_params=DensityWeight, paper=_DARE, grid=_SUM_GRID,
+             random=True),
     _Variant("dare_ties", "DARE + TIES: random drop with rescale, elect sign, sum of agreeing entries.",
-             _random, "sum", False, True, DensityWeight, _DARE, _SUMMED_GRID, random=True),
+             _random, "sum", normalize=False, rescale=True, model_params=DensityWeight, paper=_DARE, grid=_SUM_GRID,
+             random=True),
     _Variant("breadcrumbs", "Model Breadcrumbs: drop the largest (gamma) and smallest entries, weighted sum.",
-             _outliers, None, False, False, BreadcrumbsWeight, _CRUMBS, {"density": (0.5, 0.9), "lambda": (0.3, 0.5, 0.7)}),
+             _outliers, None, normalize=False, rescale=False, model_params=BreadcrumbsWeight, paper=_CRUMBS,
+             grid=_CRUMB_GRID),
     _Variant("breadcrumbs_ties", "Model Breadcrumbs with TIES sign election.",
-             _outliers, "sum", False, False, BreadcrumbsWeight, _CRUMBS, {"density": (0.5, 0.9), "lambda": (0.3, 0.5, 0.7)}),
+             _outliers, "sum", normalize=False, rescale=False, model_params=BreadcrumbsWeight, paper=_CRUMBS,
+             grid=_CRUMB_GRID),
     _Variant("della_linear", "DELLA without sign election: magnitude-rank random drop, rescale, weighted sum.",
-             _rank, None, False, True, DellaWeight, _DELLA, _SUMMED_GRID, random=True),
+             _rank, None, normalize=False, rescale=True, model_params=DellaWeight, paper=_DELLA, grid=_SUM_GRID,
+             random=True),
     _Variant("della", "DELLA: magnitude-rank random drop, rescale, elect sign, disjoint weighted mean.",
-             _rank, "sum", True, True, DellaWeight, _DELLA, {"density": (0.3, 0.5), "lambda": (0.7, 1.0, 1.5)}, random=True),
-)
+             _rank, "sum", normalize=True, rescale=True, model_params=DellaWeight, paper=_DELLA,
+             grid={"density": (0.3, 0.5), "lambda": (0.7, 1.0, 1.5)}, random=True),
+)  # fmt: skip
 
 for _v in _VARIANTS:
     _register(_v)
@@ -234,7 +273,9 @@ class SCEParams(BaseModel):
     """SCE's global parameters (mergekit's ``sce``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    select_topk: float = Field(default=1.0, gt=0.0, le=1.0, description="Fraction of highest-variance entries kept.")
+    select_topk: float = Field(
+        default=1.0, gt=0.0, le=1.0, description="Fraction of highest-variance entries kept."
+    )
     int8_mask: bool = Field(default=False, description="Accepted for mergekit configs; no effect in float32.")
 
 
@@ -245,10 +286,22 @@ def _sce_weights(x: Tensor) -> Tensor:
     return torch.full_like(w, 1.0 / w.numel()) if abs(total) < 1e-6 else w / total
 
 
-@register_method("sce", params=SCEParams, family="sparsify", needs_base=True,
-                 paper="https://arxiv.org/abs/2408.07990", grid={"select_topk": (0.1, 0.3, 0.5, 1.0)})
-def sce(x: Tensor, params: SCEParams, per_model: Mapping[str, Tensor], *, base: Tensor | None,
-        generator: torch.Generator | None) -> Tensor:
+@register_method(
+    "sce",
+    params=SCEParams,
+    family="sparsify",
+    needs_base=True,
+    paper="https://arxiv.org/abs/2408.07990",
+    grid={"select_topk": (0.1, 0.3, 0.5, 1.0)},
+)
+def sce(
+    x: Tensor,
+    params: SCEParams,
+    per_model: Mapping[str, Tensor],
+    *,
+    base: Tensor | None,
+    generator: torch.Generator | None,
+) -> Tensor:
     """SCE: select high-variance entries, weight models by mean square, erase minority signs.
 
     Follows mergekit's ``sce.py``: the top ``select_topk`` fraction of the entries with non-zero
@@ -262,5 +315,5 @@ def sce(x: Tensor, params: SCEParams, per_model: Mapping[str, Tensor], *, base: 
         keep = topk_mask(var, int(torch.count_nonzero(var) * params.select_topk))  # mergekit's k
         x = x * keep  # (n, *shape)
     w = _sce_weights(x)  # (n,)
-    mixed, den = masked_sums(x * expand_like(w, x), elect_sign(x, "sum"), w)  # (*shape) each
+    mixed, den = consensus_sums(x, w, "sum", scales=w)  # elect on x, sum w_i x_i: (*shape) each
     return mixed.div_(den.clamp_(min=1e-6))

@@ -1,0 +1,119 @@
+"""``run_bench``: one benchmark run from suite name to ``results.json`` and ``report.html``.
+
+``results.json`` follows the contract in the design notes::
+
+    {"suite", "model", "tasks": [...], "pretrained": {task: acc}, "individual": {task: acc},
+     "rows": [{"method", "params", "per_task", "avg", "normalized_avg", "seconds", ...}], ...}
+
+``pretrained`` is the pretrained encoder with each task's head retrained on it (linear probe) and
+``individual`` each task's own expert, both on test. Extra keys: ``multitask`` (the multi-task
+model per task), ``baselines`` (the three references as rows), ``skipped`` (``[{"method",
+"reason"}]``), ``data`` (split sizes, class counts), ``experts`` (paths of the cached Hugging Face
+folders), ``scaling`` (with ``--scaling``), ``seed``, ``date``, ``machine``, ``seconds_total``, and
+per row ``val_avg``, ``family`` and ``grid`` (every grid point's validation accuracies).
+``results.json`` is rewritten after every method (with ``"complete": false``), so a long run that
+is interrupted still leaves its finished rows behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from unimerge.bench.cache import atomic_write_text
+from unimerge.bench.report import render_html, results_table
+from unimerge.bench.runner import (
+    MODEL_NAME,
+    Prepared,
+    _progress,
+    baselines,
+    dataset_info,
+    get_suite,
+    grid_points,
+    prepare,
+    round_floats,
+    run_scaling,
+    select_methods,
+    tune_method,
+)
+
+__all__ = ["run_bench"]
+
+
+def _machine() -> str:
+    mem = ""
+    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        mem = f", {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB"
+    return f"{platform.machine()} {os.cpu_count()}-core CPU{mem}, torch {torch.__version__}, " \
+           f"{torch.get_num_threads()} threads"
+
+
+def _skeleton(prep: Prepared, started: float) -> dict[str, Any]:
+    names = [t.name for t in prep.tasks]
+    base_rows = baselines(prep)
+    return {
+        "suite": prep.suite.name, "model": MODEL_NAME, "tasks": names,
+        "pretrained": base_rows[0]["per_task"], "individual": prep.individual,
+        "multitask": base_rows[2]["per_task"], "rows": [], "skipped": [], "baselines": base_rows,
+        "data": dataset_info(prep), "experts": {t: str(e.path) for t, e in zip(names, prep.experts, strict=True)},
+        "seed": prep.seed, "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": _machine(),
+        "complete": False, "seconds_total": round(time.perf_counter() - started, 1),
+    }
+
+
+def _write(out: Path, results: dict[str, Any]) -> None:
+    atomic_write_text(out / "results.json", json.dumps(round_floats(results), indent=2))
+
+
+def run_bench(suite_name: str, out: Path, methods: Sequence[str] | None = None, scaling: bool = False,
+              seed: int = 0, root: Path | None = None, console: Console | None = None) -> dict[str, Any]:
+    """Run suite ``suite_name`` and write ``out/results.json`` and ``out/report.html``.
+
+    Args:
+        suite_name: ``text8``, ``quick`` or ``smoke``.
+        out: output folder (created).
+        methods: method names to run; default: the suite's default (all data-free methods for text8).
+        scaling: also merge random subsets of 2..N tasks and plot normalized accuracy against N.
+        seed: seed of the data splits, training and random methods.
+        root: cache folder (default :func:`unimerge.bench.cache.cache_root`).
+        console: where tables and progress go.
+
+    Returns:
+        The results dict written to ``results.json``.
+    """
+    console = console or Console()
+    started = time.perf_counter()
+    suite = get_suite(suite_name)
+    infos = select_methods(suite, methods)
+    out.mkdir(parents=True, exist_ok=True)
+    prep = prepare(suite, seed, root, console)
+    results = _skeleton(prep, started)
+    with _progress(console) as progress:
+        bar = progress.add_task("methods (grid points on validation)",
+                                total=sum(len(grid_points(i)) for i in infos))
+        for info in infos:
+            progress.update(bar, description=f"method {info.name}")
+            row = tune_method(prep, info, lambda n: progress.advance(bar, n))
+            (results["skipped"] if "reason" in row else results["rows"]).append(row)
+            _write(out, results)
+        if scaling and results["rows"]:
+            n_sub = len(prep.tasks) - 1
+            bar = progress.add_task("task scaling", total=len(results["rows"]) * n_sub * suite.scaling_subsets)
+            results["scaling"] = run_scaling(prep, results["rows"], lambda n: progress.advance(bar, n))
+    results["complete"] = True
+    results["seconds_total"] = round(time.perf_counter() - started, 1)
+    results = round_floats(results)
+    _write(out, results)
+    atomic_write_text(out / "report.html", render_html(results))
+    console.print(results_table(results))
+    console.print(f"Wrote {out / 'results.json'} and {out / 'report.html'} in {results['seconds_total']:.0f} s.")
+    return results

@@ -1,0 +1,280 @@
+"""The benchmark run: data, experts and baselines (cached), then every method tuned on validation.
+
+For each method (every registered data-free method by default) the runner merges the experts'
+encoders with :func:`unimerge.merge_state_dicts` at each point of the method's documented grid
+(``MethodInfo.grid``, the product of its values; no grid means the defaults), evaluates the merged
+encoder with each task's own head on the *validation* splits, keeps the point with the best mean
+validation accuracy (the first in grid order on ties), and reports that point on the *test* splits.
+A method that rejects this setup (:class:`~unimerge.ConfigError`, e.g. one that needs exactly two
+models) is listed under ``skipped`` with the reason. The runner never names a method: a newly
+registered one shows up by itself.
+
+``--scaling`` merges random subsets of 2..N tasks with each method's chosen parameters and reports
+normalized test accuracy per subset size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from torch import Tensor, nn
+
+from unimerge.bench.cache import cache_root
+from unimerge.bench.datasets import DATASETS, load_dataset
+from unimerge.bench.model import MINILM, encoder_state, evaluate, load_encoder, load_tokenizer, pretrained_dir
+from unimerge.bench.tasks import SUITES, Suite, TaskData, make_task
+from unimerge.bench.train import Expert, build_expert, build_multitask, build_probe
+from unimerge.core import merge_state_dicts
+from unimerge.errors import ConfigError, UnimergeError
+from unimerge.methods import MethodInfo, get_method, list_methods
+
+__all__ = ["Prepared", "grid_points", "normalized", "prepare", "select_methods", "summarize", "tune_method"]
+
+MODEL_NAME = f"all-MiniLM-L6-v2 ({MINILM.package}=={MINILM.version})"
+
+
+@dataclass
+class Prepared:
+    """Everything a method needs to be benchmarked, built (or loaded from the cache) once."""
+
+    suite: Suite
+    seed: int
+    tasks: list[TaskData]
+    pretrained: Path
+    base: dict[str, Tensor]
+    experts: list[Expert]
+    probes: list[Expert]
+    multitask: Expert
+    states: list[dict[str, Tensor]]  # experts' encoder tensors, in task order
+    model: nn.Module  # a working encoder that merged weights are loaded into
+
+    @property
+    def heads(self) -> dict[str, dict[str, Tensor]]:
+        return {t.name: e.heads[t.name] for t, e in zip(self.tasks, self.experts, strict=True)}
+
+    @property
+    def individual(self) -> dict[str, float]:
+        return {t.name: e.test[t.name] for t, e in zip(self.tasks, self.experts, strict=True)}
+
+
+def normalized(per_task: Mapping[str, float], individual: Mapping[str, float]) -> float:
+    """Mean over tasks of accuracy / the task's individual expert accuracy."""
+    return sum(acc / individual[t] for t, acc in per_task.items()) / len(per_task)
+
+
+def summarize(method: str, per_task: Mapping[str, float], individual: Mapping[str, float]) -> dict[str, Any]:
+    """A table row: per-task accuracies, their mean and the normalized mean."""
+    return {"method": method, "per_task": dict(per_task), "avg": sum(per_task.values()) / len(per_task),
+            "normalized_avg": normalized(per_task, individual)}
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def _data_table(tasks: Sequence[TaskData]) -> Table:
+    table = Table(title="Tasks (train / val / test sizes; class balance of train)")
+    for col in ("task", "classes", "train", "val", "test", "max_len", "train class counts"):
+        table.add_column(col)
+    for t in tasks:
+        counts = torch.bincount(t.train.labels, minlength=t.num_classes).tolist()
+        balance = ", ".join(f"{c}: {n}" for c, n in zip(t.classes, counts, strict=True))
+        table.add_row(t.name, str(t.num_classes), str(len(t.train)), str(len(t.val)), str(len(t.test)),
+                      str(t.max_len), balance)
+    return table
+
+
+def prepare(suite: Suite, seed: int, root: Path | None = None, console: Console | None = None) -> Prepared:
+    """Load the data, then build (or load) every expert, linear probe and the multi-task model."""
+    console = console or Console()
+    root = root or cache_root()
+    pdir = pretrained_dir(root)
+    tokenizer = load_tokenizer(pdir)
+    tasks = [make_task(load_dataset(s.dataset, root), s, suite, tokenizer, seed) for s in suite.tasks]
+    console.print(_data_table(tasks))
+    pretrained = load_encoder(pdir)
+    with _progress(console) as progress:
+        experts = []
+        for t in tasks:
+            bar = progress.add_task(f"expert {t.name}", total=suite.steps)
+            experts.append(build_expert(root, pdir, t, suite, seed, MINILM.sha256,
+                                        lambda n, b=bar: progress.advance(b, n)))
+            progress.update(bar, completed=suite.steps)
+        bar = progress.add_task("multi-task model", total=suite.mtl_steps)
+        mtl = build_multitask(root, pdir, tasks, suite, seed, MINILM.sha256, lambda n: progress.advance(bar, n))
+        progress.update(bar, completed=suite.mtl_steps)
+        bar = progress.add_task("linear probes", total=len(tasks))
+        probes = []
+        for t in tasks:
+            probes.append(build_probe(root, pretrained, t, suite, seed, MINILM.sha256))
+            progress.advance(bar)
+    tasks = [_with_head(t, e) for t, e in zip(tasks, experts, strict=True)]
+    keys = list(pretrained.state_dict())  # checkpoints may carry extra buffers (position_ids)
+    states = [_select(encoder_state(e.encoder_dir), keys) for e in experts]
+    base = _select(encoder_state(pdir), keys)
+    return Prepared(suite, seed, tasks, pdir, base, experts, probes, mtl, states, pretrained)
+
+
+def _select(state: dict[str, Tensor], keys: Sequence[str]) -> dict[str, Tensor]:
+    return {k: state[k] for k in keys}
+
+
+def _with_head(task: TaskData, expert: Expert) -> TaskData:
+    from dataclasses import replace
+
+    return replace(task, head=expert.heads[task.name])
+
+
+def select_methods(suite: Suite, names: Sequence[str] | None) -> list[MethodInfo]:
+    """The methods to run: ``names`` if given, else the suite's default, else all data-free ones.
+
+    Raises:
+        ConfigError: an unknown name, or a method that needs data.
+    """
+    if names:
+        infos = [get_method(n) for n in names]
+        for info in infos:
+            if info.data != "none":
+                raise ConfigError(f"Method {info.name!r} needs {info.data} data; the benchmark runs data-free "
+                                  "methods only (data-aware methods use TaskData.unlabeled/labeled).")
+        return infos
+    available = list_methods(data="none")
+    if suite.default_methods is not None:
+        chosen = [m for m in available if m.name in suite.default_methods]
+        if chosen:
+            return chosen
+    return available
+
+
+def grid_points(info: MethodInfo) -> list[dict[str, Any]]:
+    """Every point of the method's grid (product of the values), in grid order; ``[{}]`` if none."""
+    keys = list(info.grid)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(info.grid[k] for k in keys))]
+
+
+def _merge(prep: Prepared, info: MethodInfo, point: Mapping[str, Any], idx: Sequence[int]) -> float:
+    """Merge the experts ``idx`` into ``prep.model``; returns the merge's wall time in seconds."""
+    start = time.perf_counter()
+    merged = merge_state_dicts(info.name, [prep.states[i] for i in idx], prep.base, seed=prep.seed, **point)
+    seconds = time.perf_counter() - start
+    prep.model.load_state_dict(merged, strict=True)
+    return seconds
+
+
+def _restore(prep: Prepared) -> None:
+    prep.model.load_state_dict(prep.base, strict=True)
+
+
+def tune_method(prep: Prepared, info: MethodInfo, tick=None) -> dict[str, Any]:
+    """Search ``info``'s grid on validation, report the best point on test (see the module docstring).
+
+    Returns a row (``method``, ``params``, ``per_task``, ``avg``, ``normalized_avg``, ``seconds``,
+    ``val_avg``, ``family``, ``grid``), or ``{"method", "reason"}`` when the method cannot run here.
+    """
+    everyone = list(range(len(prep.tasks)))
+    sweep, reasons = [], []
+    for point in grid_points(info):
+        try:
+            seconds = _merge(prep, info, point, everyone)
+        except UnimergeError as err:
+            reasons.append(str(err))
+            continue
+        except Exception as err:  # a broken method must not sink an hour-long run; it is reported
+            reasons.append(f"failed with {type(err).__name__}: {err}")
+            continue
+        finally:
+            if tick:
+                tick(1)
+        val = evaluate(prep.model, prep.tasks, prep.heads, "val")
+        sweep.append({"params": point, "val": val, "val_avg": sum(val.values()) / len(val),
+                      "seconds": round(seconds, 3)})
+    if not sweep:
+        _restore(prep)
+        return {"method": info.name, "reason": reasons[0] if reasons else "no grid point ran"}
+    best = max(sweep, key=lambda r: r["val_avg"])  # max keeps the first of equal scores
+    seconds = _merge(prep, info, best["params"], everyone)
+    row = summarize(info.name, evaluate(prep.model, prep.tasks, prep.heads, "test"), prep.individual)
+    _restore(prep)
+    return row | {"params": best["params"], "seconds": round(seconds, 3), "val_avg": best["val_avg"],
+                  "family": info.family, "grid": sweep}
+
+
+def scaling_subsets(n_tasks: int, per_size: int, seed: int) -> list[tuple[int, ...]]:
+    """Random distinct task subsets of each size 2..n (at most ``per_size`` each; the full set once)."""
+    rng = random.Random(seed)
+    out: list[tuple[int, ...]] = []
+    for k in range(2, n_tasks + 1):
+        combos = list(itertools.combinations(range(n_tasks), k))
+        out.extend(sorted(rng.sample(combos, min(per_size, len(combos)))))
+    return out
+
+
+def run_scaling(prep: Prepared, rows: Sequence[Mapping[str, Any]], tick=None) -> dict[str, list[dict]]:
+    """Method -> one record per task subset: ``k``, ``tasks``, ``avg``, ``normalized_avg`` (test)."""
+    subsets = scaling_subsets(len(prep.tasks), prep.suite.scaling_subsets, prep.seed)
+    out: dict[str, list[dict]] = {}
+    for row in rows:
+        info = get_method(row["method"])
+        records = []
+        for idx in subsets:
+            tasks = [prep.tasks[i] for i in idx]
+            if len(idx) == len(prep.tasks):
+                per_task = row["per_task"]
+            else:
+                _merge(prep, info, row["params"], idx)
+                per_task = evaluate(prep.model, tasks, prep.heads, "test")
+            rec = summarize(row["method"], per_task, prep.individual)
+            records.append({"k": len(idx), "tasks": [t.name for t in tasks], "avg": rec["avg"],
+                            "normalized_avg": rec["normalized_avg"]})
+            if tick:
+                tick(1)
+        out[row["method"]] = records
+    _restore(prep)
+    return out
+
+
+def get_suite(name: str) -> Suite:
+    """The suite ``name``; unknown names raise :class:`ConfigError` listing the suites."""
+    if name not in SUITES:
+        raise ConfigError(f"Unknown benchmark suite {name!r}; choose one of: {', '.join(SUITES)}.")
+    return SUITES[name]
+
+
+def baselines(prep: Prepared) -> list[dict[str, Any]]:
+    """Reference rows: pretrained encoder + linear probes, individual experts, multi-task model."""
+    probe = {t.name: p.test[t.name] for t, p in zip(prep.tasks, prep.probes, strict=True)}
+    mtl = {t.name: prep.multitask.test[t.name] for t in prep.tasks}
+    return [summarize("pretrained (linear probe)", probe, prep.individual),
+            summarize("individual experts", prep.individual, prep.individual),
+            summarize("multi-task (reference)", mtl, prep.individual)]
+
+
+def dataset_info(prep: Prepared) -> dict[str, dict[str, Any]]:
+    """Per task: dataset description, classes, split sizes and training class counts."""
+    return {t.name: {"description": DATASETS[t.name].description, "classes": list(t.classes),
+                     "n_train": len(t.train), "n_val": len(t.val), "n_test": len(t.test), "max_len": t.max_len,
+                     "train_class_counts": torch.bincount(t.train.labels, minlength=t.num_classes).tolist()}
+            for t in prep.tasks}
+
+
+def round_floats(obj: Any, digits: int = 4) -> Any:
+    """``obj`` with every float rounded (for a readable results.json)."""
+    if isinstance(obj, float):
+        return obj if math.isnan(obj) else round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [round_floats(v, digits) for v in obj]
+    return obj

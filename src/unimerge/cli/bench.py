@@ -1,0 +1,41 @@
+"""``unimerge bench``: the offline merging benchmark (see :mod:`unimerge.bench`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from unimerge.errors import UnimergeError
+
+__all__ = ["bench"]
+
+
+def bench(
+    suite: str = typer.Option("quick", "--suite", help="text8 (8 tasks, all data-free methods), quick (4 tasks, "
+                              "core methods, the README example) or smoke (2 tasks, CI)."),
+    out: Path = typer.Option(..., "--out", help="Folder for results.json and report.html."),
+    methods: list[str] | None = typer.Option(None, "--methods", help="Method to run (repeat the option); "
+                                             "default: the suite's methods."),
+    scaling: bool = typer.Option(False, "--scaling", help="Also merge 2..N tasks and plot accuracy vs N."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data splits, training and random methods."),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice; "
+                                       "1 is often faster on a busy machine)."),
+) -> None:
+    """Fine-tune one expert per task (cached), merge them with every method, report accuracy per task."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from unimerge.bench.main import run_bench
+
+    if threads:
+        torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    names = [m for item in methods or [] for m in item.split(",") if m.strip()]
+    try:
+        run_bench(suite, out, names or None, scaling=scaling, seed=seed, console=Console())
+    except UnimergeError as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None

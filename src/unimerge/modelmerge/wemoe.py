@@ -1,0 +1,220 @@
+"""WEMoE: weight-ensembling mixture of experts (Tang et al., ICML 2024).
+
+"Merging Multi-Task Models via Weight-Ensembling Mixture of Experts", https://arxiv.org/abs/2402.00433
+(reference code: FusionBench ``models/we_moe.py``, ``method/we_moe``).
+
+The MLP linears of each block become :class:`WEMoELinear` s whose weights are built per input:
+``W(x) = W_0 + sum_i r_i(x) tau_i`` (``tau_i`` the task vectors of that layer). The router of a block
+is the paper's two-layer MLP (``d -> d -> n``, ReLU; bias of the output layer initialised to
+``init_lambda``, weights ~ N(0, 0.01)); it reads the hidden states entering the block (the input of the
+block's first target linear), and its outputs are averaged over tokens, so each example gets one
+weight vector for the whole block. Every other tensor is merged by task arithmetic (``lambda``). The
+routers are trained at test time by minimising the entropy of every task head's predictions on
+unlabeled batches (Adam), the only parameters that move.
+
+Targets are grouped into blocks by the regular expression ``group`` (default: the name up to the
+first numeric component, ``encoder.layer.3``); a group's first target in module order is its entry
+(it owns the router and must run first in the forward pass: ``intermediate.dense`` before
+``output.dense``, ``gate_proj`` before ``up_proj``/``down_proj``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from unimerge.errors import MergeError
+from unimerge.methods._registry import register_method
+from unimerge.modelmerge._moe import (
+    MLP_TARGETS,
+    autocast,
+    count_params,
+    cycle_batches,
+    dense_copy,
+    frozen_heads,
+    match_linears,
+    replace_module,
+    task_arithmetic_state,
+    task_vectors,
+)
+from unimerge.modelmerge._problem import MergedModel, MergeProblem
+
+__all__ = ["WEMoELinear", "WEMoEParams", "entropy", "link_groups", "wemoe"]
+
+
+class WEMoEParams(BaseModel):
+    """WEMoE's hyperparameters (paper defaults scaled to small unlabeled budgets)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
+    lambda_: float = Field(default=0.3, alias="lambda", ge=0.0, le=10.0,
+                           description="task-arithmetic scaling of the non-MLP tensors")
+    init_lambda: float = Field(default=0.3, ge=-10.0, le=10.0, description="initial routing weight")
+    steps: int = Field(default=40, ge=0, le=100000, description="router training steps")
+    lr: float = Field(default=1e-3, gt=0.0, le=1.0, description="Adam learning rate")
+    batch_size: int = Field(default=16, ge=1, le=4096, description="examples per task per step")
+    targets: tuple[str, ...] = Field(default=MLP_TARGETS, min_length=1, max_length=32,
+                                     description="regexes of the MLP nn.Linear names")
+    group: str = Field(default=r"^(.*?\.\d+)\.", min_length=1, max_length=200,
+                       description="regex whose first group names a target's block")
+    bf16: bool = Field(default=True, description="bf16 autocast during training")
+
+
+class _Route:
+    """The routing weights of one block, shared by its linears during one forward pass."""
+
+    def __init__(self) -> None:
+        self.weights: Tensor | None = None
+
+
+class WEMoELinear(nn.Module):
+    """A linear layer whose weight is ``W_0 + sum_i r_i tau_i`` with per-example router weights."""
+
+    kind: ClassVar[str] = "wemoe_linear"
+
+    def __init__(self, in_features: int, out_features: int, n: int, bias: bool, group: str, entry: bool,
+                 init_lambda: float = 0.0) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.n = in_features, out_features, n
+        self.group, self.entry, self.init_lambda = group, entry, init_lambda
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.tau_weight = nn.Parameter(torch.zeros(n, out_features, in_features), requires_grad=False)
+        self.tau_bias = nn.Parameter(torch.zeros(n, out_features), requires_grad=False) if bias else None
+        self.router = _make_router(in_features, n, init_lambda) if entry else None
+        self.route = _Route()
+
+    def config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "n": self.n,
+                "bias": self.bias is not None, "group": self.group, "entry": self.entry,
+                "init_lambda": self.init_lambda}
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> WEMoELinear:
+        return cls(**cfg)
+
+    def _weights(self, x: Tensor) -> Tensor:
+        if self.entry:
+            w = self.router(x)  # (b, *tokens, n)
+            if w.dim() > 2:
+                w = w.mean(dim=tuple(range(1, w.dim() - 1)))  # (b, n)
+            self.route.weights = w
+            return w
+        w = self.route.weights
+        if w is None or w.shape[0] != x.shape[0]:
+            raise MergeError(
+                f"WEMoE block {self.group!r}: a non-entry linear ran before the block's router; the group's "
+                "first target in module order must be the first one called (check `targets`/`group`)."
+            )
+        return w
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self._weights(x)  # (b, n)
+        dtype = x.dtype
+        weight = self.weight.to(dtype) + torch.einsum("bn,noi->boi", w.to(dtype), self.tau_weight.to(dtype))
+        out = torch.bmm(x.reshape(x.shape[0], -1, self.in_features), weight.transpose(1, 2))  # (b, m, out)
+        if self.bias is not None:
+            out = out + (self.bias.to(dtype) + w.to(dtype) @ self.tau_bias.to(dtype)).unsqueeze(1)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _make_router(d: int, n: int, init_lambda: float) -> nn.Sequential:
+    router = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, n))
+    with torch.no_grad():
+        for layer, bias in ((router[0], 0.0), (router[2], init_lambda)):
+            layer.weight.normal_(0.0, 0.01)
+            layer.bias.fill_(bias)
+    return router
+
+
+def link_groups(module: nn.Module) -> None:
+    """Let the linears of each block share one routing slot (after building or loading a model).
+
+    Raises:
+        MergeError: a block has no entry linear or more than one.
+    """
+    groups: dict[str, list[WEMoELinear]] = {}
+    for m in module.modules():
+        if isinstance(m, WEMoELinear):
+            groups.setdefault(m.group, []).append(m)
+    for name, layers in groups.items():
+        if sum(m.entry for m in layers) != 1:
+            raise MergeError(f"WEMoE block {name!r} must have exactly one entry linear")
+        route = _Route()
+        for m in layers:
+            m.route = route
+
+
+def _group_of(name: str, pattern: str) -> str:
+    found = re.search(pattern, name)
+    return found.group(1) if found and found.groups() else name
+
+
+def _build(problem: MergeProblem, params: WEMoEParams) -> nn.Module:
+    base_sd, tvs = task_vectors(problem)
+    module = dense_copy(problem.base, task_arithmetic_state(base_sd, tvs, params.lambda_))
+    seen: set[str] = set()
+    for name in match_linears(module, params.targets):
+        group = _group_of(name, params.group)
+        linear = problem.base.get_submodule(name)
+        layer = WEMoELinear(linear.in_features, linear.out_features, len(tvs), linear.bias is not None, group,
+                            group not in seen, params.init_lambda)
+        seen.add(group)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            layer.tau_weight.copy_(torch.stack([tv[f"{name}.weight"] for tv in tvs]))
+            if layer.bias is not None:
+                layer.bias.copy_(linear.bias)
+                layer.tau_bias.copy_(torch.stack([tv[f"{name}.bias"] for tv in tvs]))
+        replace_module(module, name, layer)
+    link_groups(module)
+    return module
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """Mean Shannon entropy of ``softmax(logits)`` over the batch: ``(b, k) -> ()``."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
+def train_routers(module: nn.Module, problem: MergeProblem, params: WEMoEParams) -> list[float]:
+    """Test-time adaptation: Adam on the routers, minimising the heads' entropy. Returns the step losses."""
+    routers = [p for m in module.modules() if isinstance(m, WEMoELinear) and m.entry for p in m.router.parameters()]
+    for p in routers:
+        p.requires_grad_(True)
+    heads = frozen_heads(problem)
+    optim = torch.optim.Adam(routers, lr=params.lr)
+    streams = [cycle_batches(t, problem.budget, params.batch_size, problem.seed, problem.device) for t in problem.tasks]
+    losses = []  # the module stays in eval mode: no dropout noise in the entropy objective
+    for _ in range(params.steps):
+        total = 0.0
+        for task, stream in zip(problem.tasks, streams, strict=True):
+            with autocast(problem.device, params.bf16):
+                loss = entropy(heads[task.name](problem.features(module, next(stream))))
+            loss.backward()  # accumulate over tasks (one graph in memory at a time)
+            total += float(loss.detach())
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        losses.append(total / len(streams))
+    for p in routers:
+        p.requires_grad_(False)
+    return losses
+
+
+@register_method(
+    "wemoe", params=WEMoEParams, family="moe", needs_base=True, paper="https://arxiv.org/abs/2402.00433",
+    inputs="problem", data="unlabeled", grid={"lambda": (0.3,)},
+)
+def wemoe(problem: MergeProblem, params: WEMoEParams) -> MergedModel:
+    """WEMoE: MLP weights mixed per example by routers trained to minimise prediction entropy."""
+    with torch.random.fork_rng():  # seeds the routers' N(0, 0.01) initialisation only
+        torch.manual_seed(problem.seed)
+        module = _build(problem, params).to(problem.device)
+    train_routers(module, problem, params)
+    module.unimerge_method = {"method": "wemoe", "params": params.model_dump(mode="json", by_alias=True)}
+    used = min(problem.budget, params.steps * params.batch_size)
+    return MergedModel(module=module, examples_used=used, labeled=False, params_total=count_params(module))
