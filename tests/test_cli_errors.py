@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _fixtures import load_all_tensors, make_tiny_llama, save_sharded
 from typer.testing import CliRunner
 
+from _fixtures import load_all_tensors, make_tiny_llama, save_sharded
 from unimerge.cli import app
 
 runner = CliRunner()

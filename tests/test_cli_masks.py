@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from _fixtures import load_all_tensors, make_tiny_llama
 from typer.testing import CliRunner
 
+from _fixtures import load_all_tensors, make_tiny_llama
 from unimerge.cli import app
 from unimerge.taskmasks import compute_task_masks, task_state_dict
 

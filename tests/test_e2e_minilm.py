@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _fixtures import load_all_tensors
 from safetensors.torch import load_file, save_file
 
+from _fixtures import load_all_tensors
 from unimerge import merge_state_dicts
 from unimerge.errors import CheckpointError
 

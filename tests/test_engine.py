@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _fixtures import load_all_tensors, make_peft_lora, make_tiny_llama
 
+from _fixtures import load_all_tensors, make_peft_lora, make_tiny_llama
 from unimerge import merge_state_dicts
 from unimerge.config import evaluate_setting
 from unimerge.execute import RunOptions, plan_config, run_merge

@@ -40,3 +40,33 @@ def test_edges_keep_all_or_nothing() -> None:
     x = torch.randn(2, 10)
     th = global_magnitude_threshold(_stream([x]), torch.tensor([1.0, 0.05]))
     assert th[0] == 0.0 and th[1] == float("inf")  # int(0.05 * 10) == 0 entries kept
+
+
+def test_ties_global_trim_keeps_the_models_top_entries_across_tensors(tmp_path) -> None:
+    """trim_scope: global trims by the whole model's top-k (TIES reference code), per tensor otherwise."""
+    from unimerge import merge_state_dicts
+
+    base = {"a": torch.zeros(4), "b": torch.zeros(2)}
+    # one expert: |tau| over the model = 1 2 3 4 | 10 20; density 0.5 keeps 3 entries: 4, 10, 20
+    e = {"a": torch.tensor([1.0, -2.0, 3.0, -4.0]), "b": torch.tensor([10.0, -20.0])}
+    g = merge_state_dicts("ties", [e], base, density=0.5, trim_scope="global")
+    assert g["a"].tolist() == [0.0, 0.0, 0.0, -4.0] and g["b"].tolist() == [10.0, -20.0]
+    t = merge_state_dicts("ties", [e], base, density=0.5)  # per tensor: top 2 of a, top 1 of b
+    assert t["a"].tolist() == [0.0, 0.0, 3.0, -4.0] and t["b"].tolist() == [0.0, -20.0]
+
+
+def test_global_trim_streams_through_the_engine(tmp_path) -> None:
+    from _fixtures import load_all_tensors, make_tiny_llama
+    from unimerge import merge_state_dicts, run_merge
+
+    base = make_tiny_llama(tmp_path / "b")
+    e1 = make_tiny_llama(tmp_path / "e1", perturb_from=base, seed=1)
+    e2 = make_tiny_llama(tmp_path / "e2", perturb_from=base, seed=2)
+    cfg = {"merge_method": "ties", "base_model": str(base), "parameters": {"trim_scope": "global", "density": 0.3},
+           "models": [{"model": str(e1)}, {"model": str(e2)}]}
+    run_merge(cfg, tmp_path / "o")
+    got = load_all_tensors(tmp_path / "o")
+    want = merge_state_dicts("ties", [load_all_tensors(e1), load_all_tensors(e2)], load_all_tensors(base),
+                             density=0.3, trim_scope="global")
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _modelmerge_a_toy import FakeTask, heads, mlp, mlp_problem, perturbed, problem
 from torch import nn
 
+from _modelmerge_a_toy import FakeTask, heads, mlp, mlp_problem, perturbed, problem
 from unimerge.errors import CheckpointError
 from unimerge.methods import get_method
 from unimerge.modelmerge._stats import collect_grams, load_stats, save_stats, sidecar_path
@@ -124,5 +124,5 @@ def test_mismatched_expert_is_a_clear_error() -> None:
     bad = perturbed(base, 0.1, 1)
     bad.pop("2.bias")
     p = problem(base, [bad], [FakeTask("t0", 6, 0)], heads(1))
-    with pytest.raises(Exception, match=r"Expert 0 \(t0\).*missing \['2.bias'\]"):
+    with pytest.raises(Exception, match=r"Expert 0 .*missing \['2.bias'\]"):
         regmean(p, RegMeanParams())

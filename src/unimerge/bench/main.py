@@ -42,6 +42,7 @@ from unimerge.bench.runner import (
     prepare,
     round_floats,
     run_scaling,
+    scaling_subsets,
     select_methods,
     tune_method,
 )
@@ -53,20 +54,32 @@ def _machine() -> str:
     mem = ""
     if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
         mem = f", {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB"
-    return f"{platform.machine()} {os.cpu_count()}-core CPU{mem}, torch {torch.__version__}, " \
-           f"{torch.get_num_threads()} threads"
+    return (
+        f"{platform.machine()} {os.cpu_count()}-core CPU{mem}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
 
 def _skeleton(prep: Prepared, started: float) -> dict[str, Any]:
     names = [t.name for t in prep.tasks]
     base_rows = baselines(prep)
     return {
-        "suite": prep.suite.name, "model": MODEL_NAME, "tasks": names,
-        "pretrained": base_rows[0]["per_task"], "individual": prep.individual,
-        "multitask": base_rows[2]["per_task"], "rows": [], "skipped": [], "baselines": base_rows,
-        "data": dataset_info(prep), "experts": {t: str(e.path) for t, e in zip(names, prep.experts, strict=True)},
-        "seed": prep.seed, "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": _machine(),
-        "complete": False, "seconds_total": round(time.perf_counter() - started, 1),
+        "suite": prep.suite.name,
+        "model": MODEL_NAME,
+        "tasks": names,
+        "pretrained": base_rows[0]["per_task"],
+        "individual": prep.individual,
+        "multitask": base_rows[2]["per_task"],
+        "rows": [],
+        "skipped": [],
+        "baselines": base_rows,
+        "data": dataset_info(prep),
+        "experts": {t: str(e.path) for t, e in zip(names, prep.experts, strict=True)},
+        "seed": prep.seed,
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "complete": False,
+        "seconds_total": round(time.perf_counter() - started, 1),
     }
 
 
@@ -74,8 +87,15 @@ def _write(out: Path, results: dict[str, Any]) -> None:
     atomic_write_text(out / "results.json", json.dumps(round_floats(results), indent=2))
 
 
-def run_bench(suite_name: str, out: Path, methods: Sequence[str] | None = None, scaling: bool = False,
-              seed: int = 0, root: Path | None = None, console: Console | None = None) -> dict[str, Any]:
+def run_bench(
+    suite_name: str,
+    out: Path,
+    methods: Sequence[str] | None = None,
+    scaling: bool = False,
+    seed: int = 0,
+    root: Path | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
     """Run suite ``suite_name`` and write ``out/results.json`` and ``out/report.html``.
 
     Args:
@@ -98,16 +118,17 @@ def run_bench(suite_name: str, out: Path, methods: Sequence[str] | None = None, 
     prep = prepare(suite, seed, root, console)
     results = _skeleton(prep, started)
     with _progress(console) as progress:
-        bar = progress.add_task("methods (grid points on validation)",
-                                total=sum(len(grid_points(i)) for i in infos))
+        bar = progress.add_task(
+            "methods (grid points on validation)", total=sum(len(grid_points(i)) for i in infos)
+        )
         for info in infos:
             progress.update(bar, description=f"method {info.name}")
             row = tune_method(prep, info, lambda n: progress.advance(bar, n))
             (results["skipped"] if "reason" in row else results["rows"]).append(row)
             _write(out, results)
         if scaling and results["rows"]:
-            n_sub = len(prep.tasks) - 1
-            bar = progress.add_task("task scaling", total=len(results["rows"]) * n_sub * suite.scaling_subsets)
+            n_sub = len(scaling_subsets(len(prep.tasks), suite.scaling_subsets, seed))
+            bar = progress.add_task("task scaling", total=len(results["rows"]) * n_sub)
             results["scaling"] = run_scaling(prep, results["rows"], lambda n: progress.advance(bar, n))
     results["complete"] = True
     results["seconds_total"] = round(time.perf_counter() - started, 1)
@@ -115,5 +136,7 @@ def run_bench(suite_name: str, out: Path, methods: Sequence[str] | None = None, 
     _write(out, results)
     atomic_write_text(out / "report.html", render_html(results))
     console.print(results_table(results))
-    console.print(f"Wrote {out / 'results.json'} and {out / 'report.html'} in {results['seconds_total']:.0f} s.")
+    console.print(
+        f"Wrote {out / 'results.json'} and {out / 'report.html'} in {results['seconds_total']:.0f} s."
+    )
     return results

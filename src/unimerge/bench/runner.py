@@ -36,7 +36,7 @@ from unimerge.bench.model import MINILM, encoder_state, evaluate, load_encoder, 
 from unimerge.bench.tasks import SUITES, Suite, TaskData, make_task
 from unimerge.bench.train import Expert, build_expert, build_multitask, build_probe
 from unimerge.core import merge_state_dicts
-from unimerge.errors import ConfigError, UnimergeError
+from unimerge.errors import ConfigError, MergeError, UnimergeError
 from unimerge.methods import MethodInfo, get_method, list_methods
 
 __all__ = ["Prepared", "grid_points", "normalized", "prepare", "select_methods", "summarize", "tune_method"]
@@ -58,6 +58,7 @@ class Prepared:
     multitask: Expert
     states: list[dict[str, Tensor]]  # experts' encoder tensors, in task order
     model: nn.Module  # a working encoder that merged weights are loaded into
+    unchanged: set[str]  # tensors equal to the base in every expert
 
     @property
     def heads(self) -> dict[str, dict[str, Tensor]]:
@@ -75,13 +76,23 @@ def normalized(per_task: Mapping[str, float], individual: Mapping[str, float]) -
 
 def summarize(method: str, per_task: Mapping[str, float], individual: Mapping[str, float]) -> dict[str, Any]:
     """A table row: per-task accuracies, their mean and the normalized mean."""
-    return {"method": method, "per_task": dict(per_task), "avg": sum(per_task.values()) / len(per_task),
-            "normalized_avg": normalized(per_task, individual)}
+    return {
+        "method": method,
+        "per_task": dict(per_task),
+        "avg": sum(per_task.values()) / len(per_task),
+        "normalized_avg": normalized(per_task, individual),
+    }
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
 
 
 def _data_table(tasks: Sequence[TaskData]) -> Table:
@@ -91,8 +102,15 @@ def _data_table(tasks: Sequence[TaskData]) -> Table:
     for t in tasks:
         counts = torch.bincount(t.train.labels, minlength=t.num_classes).tolist()
         balance = ", ".join(f"{c}: {n}" for c, n in zip(t.classes, counts, strict=True))
-        table.add_row(t.name, str(t.num_classes), str(len(t.train)), str(len(t.val)), str(len(t.test)),
-                      str(t.max_len), balance)
+        table.add_row(
+            t.name,
+            str(t.num_classes),
+            str(len(t.train)),
+            str(len(t.val)),
+            str(len(t.test)),
+            str(t.max_len),
+            balance,
+        )
     return table
 
 
@@ -109,11 +127,16 @@ def prepare(suite: Suite, seed: int, root: Path | None = None, console: Console 
         experts = []
         for t in tasks:
             bar = progress.add_task(f"expert {t.name}", total=suite.steps)
-            experts.append(build_expert(root, pdir, t, suite, seed, MINILM.sha256,
-                                        lambda n, b=bar: progress.advance(b, n)))
+            experts.append(
+                build_expert(
+                    root, pdir, t, suite, seed, MINILM.sha256, lambda n, b=bar: progress.advance(b, n)
+                )
+            )
             progress.update(bar, completed=suite.steps)
         bar = progress.add_task("multi-task model", total=suite.mtl_steps)
-        mtl = build_multitask(root, pdir, tasks, suite, seed, MINILM.sha256, lambda n: progress.advance(bar, n))
+        mtl = build_multitask(
+            root, pdir, tasks, suite, seed, MINILM.sha256, lambda n: progress.advance(bar, n)
+        )
         progress.update(bar, completed=suite.mtl_steps)
         bar = progress.add_task("linear probes", total=len(tasks))
         probes = []
@@ -124,7 +147,19 @@ def prepare(suite: Suite, seed: int, root: Path | None = None, console: Console 
     keys = list(pretrained.state_dict())  # checkpoints may carry extra buffers (position_ids)
     states = [_select(encoder_state(e.encoder_dir), keys) for e in experts]
     base = _select(encoder_state(pdir), keys)
-    return Prepared(suite, seed, tasks, pdir, base, experts, probes, mtl, states, pretrained)
+    return Prepared(
+        suite,
+        seed,
+        tasks,
+        pdir,
+        base,
+        experts,
+        probes,
+        mtl,
+        states,
+        pretrained,
+        unchanged_tensors(base, states),
+    )
 
 
 def _select(state: dict[str, Tensor], keys: Sequence[str]) -> dict[str, Tensor]:
@@ -147,8 +182,10 @@ def select_methods(suite: Suite, names: Sequence[str] | None) -> list[MethodInfo
         infos = [get_method(n) for n in names]
         for info in infos:
             if info.data != "none":
-                raise ConfigError(f"Method {info.name!r} needs {info.data} data; the benchmark runs data-free "
-                                  "methods only (data-aware methods use TaskData.unlabeled/labeled).")
+                raise ConfigError(
+                    f"Method {info.name!r} needs {info.data} data; the benchmark runs data-free "
+                    "methods only (data-aware methods use TaskData.unlabeled/labeled)."
+                )
         return infos
     available = list_methods(data="none")
     if suite.default_methods is not None:
@@ -161,15 +198,35 @@ def select_methods(suite: Suite, names: Sequence[str] | None) -> list[MethodInfo
 def grid_points(info: MethodInfo) -> list[dict[str, Any]]:
     """Every point of the method's grid (product of the values), in grid order; ``[{}]`` if none."""
     keys = list(info.grid)
-    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(info.grid[k] for k in keys))]
+    return [
+        dict(zip(keys, values, strict=True)) for values in itertools.product(*(info.grid[k] for k in keys))
+    ]
+
+
+def unchanged_tensors(base: Mapping[str, Tensor], states: Sequence[Mapping[str, Tensor]]) -> set[str]:
+    """Names of tensors equal to the base in every expert (the frozen word embeddings)."""
+    return {k for k, v in base.items() if all(torch.equal(s[k], v) for s in states)}
 
 
 def _merge(prep: Prepared, info: MethodInfo, point: Mapping[str, Any], idx: Sequence[int]) -> float:
-    """Merge the experts ``idx`` into ``prep.model``; returns the merge's wall time in seconds."""
+    """Merge the experts ``idx`` into ``prep.model``; returns the merge's wall time in seconds.
+
+    For per-tensor methods, tensors no expert changed are left at the base without calling the
+    method (with identical inputs every method returns that input; this skips half the parameters).
+    Whole-model methods (``scope="model"``) get every tensor, since their statistics span the model.
+    """
+    skip = prep.unchanged if info.scope == "tensor" else set()
+    keep = [k for k in prep.base if k not in skip]
+    experts = [{k: prep.states[i][k] for k in keep} for i in idx]
     start = time.perf_counter()
-    merged = merge_state_dicts(info.name, [prep.states[i] for i in idx], prep.base, seed=prep.seed, **point)
+    merged = merge_state_dicts(info.name, experts, {k: prep.base[k] for k in keep}, seed=prep.seed, **point)
     seconds = time.perf_counter() - start
-    prep.model.load_state_dict(merged, strict=True)
+    if set(merged) != set(keep):
+        raise MergeError(
+            f"Method {info.name!r} returned tensors {sorted(set(merged) ^ set(keep))[:5]} that differ "
+            "from its inputs'."
+        )
+    prep.model.load_state_dict(merged, strict=False)  # the skipped tensors stay at the base
     return seconds
 
 
@@ -198,8 +255,14 @@ def tune_method(prep: Prepared, info: MethodInfo, tick=None) -> dict[str, Any]:
             if tick:
                 tick(1)
         val = evaluate(prep.model, prep.tasks, prep.heads, "val")
-        sweep.append({"params": point, "val": val, "val_avg": sum(val.values()) / len(val),
-                      "seconds": round(seconds, 3)})
+        sweep.append(
+            {
+                "params": point,
+                "val": val,
+                "val_avg": sum(val.values()) / len(val),
+                "seconds": round(seconds, 3),
+            }
+        )
     if not sweep:
         _restore(prep)
         return {"method": info.name, "reason": reasons[0] if reasons else "no grid point ran"}
@@ -207,8 +270,13 @@ def tune_method(prep: Prepared, info: MethodInfo, tick=None) -> dict[str, Any]:
     seconds = _merge(prep, info, best["params"], everyone)
     row = summarize(info.name, evaluate(prep.model, prep.tasks, prep.heads, "test"), prep.individual)
     _restore(prep)
-    return row | {"params": best["params"], "seconds": round(seconds, 3), "val_avg": best["val_avg"],
-                  "family": info.family, "grid": sweep}
+    return row | {
+        "params": best["params"],
+        "seconds": round(seconds, 3),
+        "val_avg": best["val_avg"],
+        "family": info.family,
+        "grid": sweep,
+    }
 
 
 def scaling_subsets(n_tasks: int, per_size: int, seed: int) -> list[tuple[int, ...]]:
@@ -236,8 +304,14 @@ def run_scaling(prep: Prepared, rows: Sequence[Mapping[str, Any]], tick=None) ->
                 _merge(prep, info, row["params"], idx)
                 per_task = evaluate(prep.model, tasks, prep.heads, "test")
             rec = summarize(row["method"], per_task, prep.individual)
-            records.append({"k": len(idx), "tasks": [t.name for t in tasks], "avg": rec["avg"],
-                            "normalized_avg": rec["normalized_avg"]})
+            records.append(
+                {
+                    "k": len(idx),
+                    "tasks": [t.name for t in tasks],
+                    "avg": rec["avg"],
+                    "normalized_avg": rec["normalized_avg"],
+                }
+            )
             if tick:
                 tick(1)
         out[row["method"]] = records
@@ -256,17 +330,27 @@ def baselines(prep: Prepared) -> list[dict[str, Any]]:
     """Reference rows: pretrained encoder + linear probes, individual experts, multi-task model."""
     probe = {t.name: p.test[t.name] for t, p in zip(prep.tasks, prep.probes, strict=True)}
     mtl = {t.name: prep.multitask.test[t.name] for t in prep.tasks}
-    return [summarize("pretrained (linear probe)", probe, prep.individual),
-            summarize("individual experts", prep.individual, prep.individual),
-            summarize("multi-task (reference)", mtl, prep.individual)]
+    return [
+        summarize("pretrained (linear probe)", probe, prep.individual),
+        summarize("individual experts", prep.individual, prep.individual),
+        summarize("multi-task (reference)", mtl, prep.individual),
+    ]
 
 
 def dataset_info(prep: Prepared) -> dict[str, dict[str, Any]]:
     """Per task: dataset description, classes, split sizes and training class counts."""
-    return {t.name: {"description": DATASETS[t.name].description, "classes": list(t.classes),
-                     "n_train": len(t.train), "n_val": len(t.val), "n_test": len(t.test), "max_len": t.max_len,
-                     "train_class_counts": torch.bincount(t.train.labels, minlength=t.num_classes).tolist()}
-            for t in prep.tasks}
+    return {
+        t.name: {
+            "description": DATASETS[t.name].description,
+            "classes": list(t.classes),
+            "n_train": len(t.train),
+            "n_val": len(t.val),
+            "n_test": len(t.test),
+            "max_len": t.max_len,
+            "train_class_counts": torch.bincount(t.train.labels, minlength=t.num_classes).tolist(),
+        }
+        for t in prep.tasks
+    }
 
 
 def round_floats(obj: Any, digits: int = 4) -> Any:

@@ -28,7 +28,17 @@ from torch import Tensor
 
 from unimerge.bench.datasets import RawDataset, Text
 
-__all__ = ["SUITES", "Batch", "Split", "Suite", "TaskData", "TaskSpec", "batches", "make_task", "split_indices"]
+__all__ = [
+    "SUITES",
+    "Batch",
+    "Split",
+    "Suite",
+    "TaskData",
+    "TaskSpec",
+    "batches",
+    "make_task",
+    "split_indices",
+]
 
 Batch = dict[str, Tensor]
 
@@ -68,17 +78,38 @@ SUITES: dict[str, Suite] = {
     for s in (
         Suite(
             "text8",
-            tasks=(TaskSpec("rt_sentiment"), TaskSpec("twitter_sentiment"), TaskSpec("bbc_topic"),
-                   TaskSpec("autos_electronics"), TaskSpec("health_source"), TaskSpec("news_outlet"),
-                   TaskSpec("boolq", 128), TaskSpec("privacy_qa", 128)),
-            n_val=200, n_test=400, n_train=3000, steps=200, mtl_steps=800, batch_size=16,
+            tasks=(
+                TaskSpec("rt_sentiment"),
+                TaskSpec("twitter_sentiment"),
+                TaskSpec("bbc_topic"),
+                TaskSpec("autos_electronics"),
+                TaskSpec("health_source"),
+                TaskSpec("news_outlet"),
+                TaskSpec("boolq", 128),
+                TaskSpec("privacy_qa", 128),
+            ),
+            n_val=150,
+            n_test=400,
+            n_train=2000,
+            steps=200,
+            mtl_steps=600,
+            batch_size=16,
             description="8 text classification tasks, MiniLM-L6 experts, every data-free method",
         ),
         Suite(
             "quick",
-            tasks=(TaskSpec("rt_sentiment"), TaskSpec("twitter_sentiment"), TaskSpec("autos_electronics"),
-                   TaskSpec("health_source")),
-            n_val=100, n_test=200, n_train=1000, steps=100, mtl_steps=200, batch_size=16,
+            tasks=(
+                TaskSpec("rt_sentiment"),
+                TaskSpec("twitter_sentiment"),
+                TaskSpec("autos_electronics"),
+                TaskSpec("health_source"),
+            ),
+            n_val=100,
+            n_test=200,
+            n_train=1000,
+            steps=100,
+            mtl_steps=200,
+            batch_size=16,
             default_methods=("linear", "task_arithmetic", "ties", "tsv"),
             description="4 tasks, short budgets; core methods by default (all of them would break the "
             "1-minute cached target)",
@@ -86,9 +117,16 @@ SUITES: dict[str, Suite] = {
         Suite(
             "smoke",
             tasks=(TaskSpec("rt_sentiment", 48), TaskSpec("autos_electronics", 48)),
-            n_val=48, n_test=64, n_train=256, steps=12, mtl_steps=12, batch_size=16, lr=1e-4,
+            n_val=48,
+            n_test=64,
+            n_train=256,
+            steps=12,
+            mtl_steps=12,
+            batch_size=16,
+            lr=1e-4,
             scaling_subsets=1,
-            description="2 tasks, tiny budgets: exercises the whole pipeline for CI",
+            default_methods=("linear", "task_arithmetic", "ties"),
+            description="2 tasks, tiny budgets, core methods: exercises the whole pipeline for CI",
         ),
     )
 }
@@ -183,8 +221,9 @@ def batches(split: Split, batch_size: int) -> Iterator[tuple[list[int], Batch]]:
 
 def _encode(tokenizer, texts: Sequence[Text], max_len: int) -> tuple[tuple, tuple]:
     if texts and isinstance(texts[0], tuple):
-        enc = tokenizer([t[0] for t in texts], [t[1] for t in texts], truncation="longest_first",
-                        max_length=max_len)
+        enc = tokenizer(
+            [t[0] for t in texts], [t[1] for t in texts], truncation="longest_first", max_length=max_len
+        )
     else:
         enc = tokenizer(list(texts), truncation=True, max_length=max_len)
     return tuple(map(tuple, enc["input_ids"])), tuple(map(tuple, enc["token_type_ids"]))

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from unimerge.bench.cache import atomic_dir, atomic_write_text, recipe_hash
+from unimerge.bench.datasets import DATASETS
 from unimerge.bench.model import _head_accuracy, accuracy, features, load_encoder, make_head, pool
 from unimerge.bench.tasks import Batch, Suite, TaskData
 
@@ -58,10 +59,20 @@ class Expert:
 def recipe(kind: str, suite: Suite, tasks: Sequence[TaskData], seed: int, model_sha: str, steps: int) -> dict:
     """Everything that determines a trained model (its cache key is a hash of this)."""
     return {
-        "kind": kind, "version": RECIPE_VERSION, "tasks": [t.name for t in tasks],
-        "max_len": [t.max_len for t in tasks], "split_seed": seed, "n_train": suite.n_train,
-        "n_val": suite.n_val, "n_test": suite.n_test, "steps": steps, "lr": suite.lr,
-        "batch_size": suite.batch_size, "model_sha": model_sha, "frozen": "embeddings.word_embeddings",
+        "kind": kind,
+        "version": RECIPE_VERSION,
+        "tasks": [t.name for t in tasks],
+        "max_len": [t.max_len for t in tasks],
+        "split_seed": seed,
+        "n_train": suite.n_train,
+        "n_val": suite.n_val,
+        "n_test": suite.n_test,
+        "steps": steps,
+        "lr": suite.lr,
+        "batch_size": suite.batch_size,
+        "model_sha": model_sha,
+        "frozen": "embeddings.word_embeddings",
+        "data": [f"{DATASETS[t.name].archive.sha256[:12]}-v{DATASETS[t.name].version}" for t in tasks],
     }
 
 
@@ -77,13 +88,25 @@ def _schedule(step: int, total: int) -> float:
     return (step + 1) / warm if step < warm else max(0.0, (total - step) / max(1, total - warm))
 
 
-def _fit(encoder: nn.Module, heads: nn.ModuleDict, tasks: Sequence[TaskData], steps: int, suite: Suite,
-         seed: int, tick: Tick | None) -> float:
+def _fit(
+    encoder: nn.Module,
+    heads: nn.ModuleDict,
+    tasks: Sequence[TaskData],
+    steps: int,
+    suite: Suite,
+    seed: int,
+    tick: Tick | None,
+) -> float:
     """Train ``encoder`` + ``heads`` for ``steps`` steps cycling over ``tasks``; returns the last loss."""
     encoder.embeddings.word_embeddings.weight.requires_grad_(False)
     enc_params = [p for p in encoder.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": enc_params, "lr": suite.lr},
-                             {"params": heads.parameters(), "lr": suite.lr * HEAD_LR_MULT}], weight_decay=0.01)
+    opt = torch.optim.AdamW(
+        [
+            {"params": enc_params, "lr": suite.lr},
+            {"params": heads.parameters(), "lr": suite.lr * HEAD_LR_MULT},
+        ],
+        weight_decay=0.01,
+    )
     base_lrs = [grp["lr"] for grp in opt.param_groups]
     g = torch.Generator().manual_seed(seed)
     streams = [_batch_stream(t, suite.batch_size, g) for t in tasks]
@@ -111,8 +134,16 @@ def _head_state(head: nn.Linear) -> dict[str, Tensor]:
     return {"weight": head.weight.detach().clone().contiguous(), "bias": head.bias.detach().clone()}
 
 
-def _train_and_save(final: Path, rec: dict, pretrained: Path, tasks: Sequence[TaskData], steps: int,
-                    suite: Suite, seed: int, tick: Tick | None) -> None:
+def _train_and_save(
+    final: Path,
+    rec: dict,
+    pretrained: Path,
+    tasks: Sequence[TaskData],
+    steps: int,
+    suite: Suite,
+    seed: int,
+    tick: Tick | None,
+) -> None:
     from transformers import AutoTokenizer
 
     encoder = load_encoder(pretrained)
@@ -132,8 +163,14 @@ def _train_and_save(final: Path, rec: dict, pretrained: Path, tasks: Sequence[Ta
         (tmp / "heads").mkdir()
         for name, state in states.items():
             save_file(state, str(tmp / "heads" / f"{name}.safetensors"), metadata={"task": name})
-        meta = {"recipe": rec, "val": val, "test": test, "train_seconds": round(seconds, 1), "last_loss": loss,
-                "classes": {t.name: list(t.classes) for t in tasks}}
+        meta = {
+            "recipe": rec,
+            "val": val,
+            "test": test,
+            "train_seconds": round(seconds, 1),
+            "last_loss": loss,
+            "classes": {t.name: list(t.classes) for t in tasks},
+        }
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2))
 
 
@@ -147,8 +184,15 @@ def _load(path: Path) -> Expert:
     return Expert(path, load_heads(path), meta["val"], meta["test"], meta)
 
 
-def build_expert(root: Path, pretrained: Path, task: TaskData, suite: Suite, seed: int, model_sha: str,
-                 tick: Tick | None = None) -> Expert:
+def build_expert(
+    root: Path,
+    pretrained: Path,
+    task: TaskData,
+    suite: Suite,
+    seed: int,
+    model_sha: str,
+    tick: Tick | None = None,
+) -> Expert:
     """The expert for ``task`` from the cache, trained first if absent.
 
     The folder holds ``encoder/`` (Hugging Face), ``heads/<task>.safetensors`` and a copy of the head
@@ -164,8 +208,15 @@ def build_expert(root: Path, pretrained: Path, task: TaskData, suite: Suite, see
     return _load(final)
 
 
-def build_multitask(root: Path, pretrained: Path, tasks: Sequence[TaskData], suite: Suite, seed: int,
-                    model_sha: str, tick: Tick | None = None) -> Expert:
+def build_multitask(
+    root: Path,
+    pretrained: Path,
+    tasks: Sequence[TaskData],
+    suite: Suite,
+    seed: int,
+    model_sha: str,
+    tick: Tick | None = None,
+) -> Expert:
     """The multi-task model (one encoder, one head per task) from the cache, trained first if absent."""
     rec = recipe("multitask", suite, tasks, seed, model_sha, suite.mtl_steps)
     final = root / "multitask" / recipe_hash(rec)
@@ -190,8 +241,9 @@ def _fit_probe(x: Tensor, y: Tensor, num_classes: int, l2: float) -> dict[str, T
     return {"weight": w.detach().clone(), "bias": b.detach().clone()}
 
 
-def build_probe(root: Path, pretrained_encoder: nn.Module, task: TaskData, suite: Suite, seed: int,
-                model_sha: str) -> Expert:
+def build_probe(
+    root: Path, pretrained_encoder: nn.Module, task: TaskData, suite: Suite, seed: int, model_sha: str
+) -> Expert:
     """The linear probe of ``task`` on the frozen pretrained encoder (cached)."""
     rec = recipe("probe", suite, [task], seed, model_sha, 0) | {"l2_grid": list(PROBE_L2)}
     final = root / "probes" / f"{task.name}-{recipe_hash(rec)}"
@@ -211,6 +263,7 @@ def build_probe(root: Path, pretrained_encoder: nn.Module, task: TaskData, suite
             (tmp / "heads").mkdir()
             save_file(head, str(tmp / "heads" / f"{task.name}.safetensors"))
             meta = {"recipe": rec, "val": val, "test": test, "l2": best, "val_by_l2": scores}
-            atomic_write_text(tmp / "meta.json", json.dumps({k: v for k, v in meta.items()}, indent=2,
-                                                           default=str))
+            atomic_write_text(
+                tmp / "meta.json", json.dumps({k: v for k, v in meta.items()}, indent=2, default=str)
+            )
     return _load(final)

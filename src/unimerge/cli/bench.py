@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -13,15 +14,23 @@ __all__ = ["bench"]
 
 
 def bench(
-    suite: str = typer.Option("quick", "--suite", help="text8 (8 tasks, all data-free methods), quick (4 tasks, "
-                              "core methods, the README example) or smoke (2 tasks, CI)."),
+    suite: str = typer.Option(
+        "quick",
+        "--suite",
+        help="text8 (8 tasks, all data-free methods), quick (4 tasks, "
+        "core methods, the README example) or smoke (2 tasks, CI).",
+    ),
     out: Path = typer.Option(..., "--out", help="Folder for results.json and report.html."),
-    methods: list[str] | None = typer.Option(None, "--methods", help="Method to run (repeat the option); "
-                                             "default: the suite's methods."),
+    methods: list[str] | None = typer.Option(
+        None, "--methods", help="Method to run (repeat the option); default: the suite's methods."
+    ),
     scaling: bool = typer.Option(False, "--scaling", help="Also merge 2..N tasks and plot accuracy vs N."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data splits, training and random methods."),
-    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice; "
-                                       "1 is often faster on a busy machine)."),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine).",
+    ),
 ) -> None:
     """Fine-tune one expert per task (cached), merge them with every method, report accuracy per task."""
     import torch
@@ -35,7 +44,14 @@ def bench(
     hf_logging.set_verbosity_error()
     names = [m for item in methods or [] for m in item.split(",") if m.strip()]
     try:
-        run_bench(suite, out, names or None, scaling=scaling, seed=seed, console=Console())
+        run_bench(
+            suite,
+            out,
+            names or None,
+            scaling=scaling,
+            seed=seed,
+            console=Console(width=None if sys.stdout.isatty() else 200),
+        )
     except UnimergeError as err:
         Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None

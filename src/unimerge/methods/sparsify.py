@@ -21,7 +21,15 @@ della              random, rank-magnitude      sum        True       True
 For task vectors ``tau_i`` with weights ``w_i``: ``tau'_i = sparsify(tau_i)`` (``rescale`` keeps each
 tensor's L1 norm, as mergekit does), then ``merged = lambda * sum_i m_i w_i tau'_i / D`` where ``m_i`` is
 the sign-agreement mask (all ones without consensus) and ``D`` is ``sum_i m_i w_i`` when ``normalize``
-is on (1 otherwise, or where it is 0). ``int8_mask`` is accepted and changes nothing in float32.
+is on (1 otherwise, or where it is 0). ``int8_mask`` is accepted and changes nothing in float32;
+``task_arithmetic`` accepts ``density`` and ``rescale`` as mergekit does, and like mergekit ignores them.
+
+Deliberate differences from mergekit: Breadcrumbs keeps its middle band when ``int(gamma * numel)``
+is 0 (mergekit's slice ``[n_bot:-0]`` is empty, which zeroes the whole task vector of any tensor
+under ``1/gamma`` entries, or of every tensor when ``gamma: 0``); DELLA gives a row of length 1 keep
+probability ``density`` (mergekit divides 0 by 0); among equal magnitudes the lowest indices are
+kept (mergekit: whatever ``argsort`` returns); random masks come from the per-tensor generator, so
+they are reproducible and have mergekit's distribution but not its (global-RNG) draws.
 
 Papers: task arithmetic, Ilharco et al. 2023 (https://arxiv.org/abs/2212.04089); TIES, Yadav et al.
 2023 (https://arxiv.org/abs/2306.01708); DARE, Yu et al. 2024 (https://arxiv.org/abs/2311.03099);
@@ -33,7 +41,7 @@ a weighted sum (``peft/utils/merge_utils.py``); mergekit has no method of that n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,6 +49,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from torch import Tensor
 
+from unimerge.methods._global import global_magnitude_threshold
 from unimerge.methods._primitives import (
     SignMethod,
     consensus_sums,
@@ -49,7 +58,9 @@ from unimerge.methods._primitives import (
     sparsify_magnitude,
     sparsify_random,
     sparsify_rank_magnitude,
+    sparsify_threshold,
     topk_mask,
+    variance_over_models,
     weighted_sum,
 )
 from unimerge.methods._registry import ModelWeight, register_method
@@ -102,6 +113,8 @@ class DellaWeight(DensityWeight):
 def _magnitude(
     x: Tensor, pm: Mapping[str, Tensor], rescale: bool, generator: torch.Generator | None
 ) -> Tensor:
+    if "threshold" in pm:  # trim_scope: global
+        return sparsify_threshold(x, pm["density"], pm["threshold"], rescale=rescale, norm="l1")
     return sparsify_magnitude(x, pm["density"], rescale=rescale, norm="l1")
 
 
@@ -177,6 +190,7 @@ class _Variant:
     grid: dict[str, tuple[Any, ...]]
     family: Literal["sparsify", "task_arithmetic"] = "sparsify"
     random: bool = False
+    global_trim: bool = False  # accepts trim_scope: global (whole-model top-k, a statistics pass first)
 
 
 def _register(v: _Variant) -> None:
@@ -189,6 +203,8 @@ def _register(v: _Variant) -> None:
             Field(default=v.normalize, description=GTAParams.model_fields["normalize"].description),
         ),
         rescale=(bool, Field(default=v.rescale, description=GTAParams.model_fields["rescale"].description)),
+        **({"trim_scope": (Literal["tensor", "global"], Field(default="tensor", description=_TRIM_SCOPE))}
+           if v.global_trim else {}),
     )
 
     def merge(
@@ -221,7 +237,23 @@ def _register(v: _Variant) -> None:
         paper=v.paper,
         random=v.random,
         grid=v.grid,
+        prepare=_global_trim if v.global_trim else None,
     )(merge)
+
+
+_TRIM_SCOPE = (
+    "tensor: keep the top density of each tensor (mergekit); global: of the whole model, as the TIES "
+    "reference code does (the engine makes a streaming statistics pass first)"
+)
+
+
+def _global_trim(
+    params: Any, per_model: Mapping[str, Tensor], deltas: Callable[[], Iterator[tuple[str, Tensor]]]
+) -> dict[str, Tensor]:
+    """With ``trim_scope: global``, each model's magnitude threshold over the whole model."""
+    if getattr(params, "trim_scope", "tensor") != "global":
+        return {}
+    return {"threshold": global_magnitude_threshold(deltas, per_model["density"])}
 
 
 _TA = "https://arxiv.org/abs/2212.04089"
@@ -244,7 +276,8 @@ _VARIANTS = (
              _magnitude, None, normalize=False, rescale=False, model_params=DensityWeight, paper=_TIES,
              grid={"density": (0.2, 0.5), "lambda": (0.3, 0.5, 1.0)}),
     _Variant("ties", "TIES: trim by magnitude, elect sign, disjoint weighted mean.",
-             _magnitude, "sum", normalize=True, rescale=False, model_params=DensityWeight, paper=_TIES, grid=_MEAN_GRID),
+             _magnitude, "sum", normalize=True, rescale=False, model_params=DensityWeight, paper=_TIES, grid=_MEAN_GRID,
+             global_trim=True),
     _Variant("dare_linear", "DARE: random drop with rescale, then a weighted sum.",
              _random, None, normalize=False, rescale=True, model_params=DensityWeight, paper=_DARE, grid=_SUM_GRID,
              random=True),
@@ -281,7 +314,8 @@ class SCEParams(BaseModel):
 
 def _sce_weights(x: Tensor) -> Tensor:
     """Matrix-level weights: mean square of each task vector, normalised to sum 1 (uniform if ~0)."""
-    w = x.square().mean(dim=tuple(range(1, x.dim()))) if x.dim() > 1 else x.square()  # (n,)
+    flat = x.reshape(x.shape[0], -1)  # (n, m)
+    w = torch.stack([torch.dot(row, row) for row in flat]) / flat.shape[1]  # (n,) mean squares
     total = float(w.sum())
     return torch.full_like(w, 1.0 / w.numel()) if abs(total) < 1e-6 else w / total
 
@@ -311,9 +345,9 @@ def sce(
     used (SCE computes its own weights, and mergekit's ``sce`` takes none).
     """
     if params.select_topk < 1.0:
-        var = x.var(dim=0, unbiased=False)  # (*shape)
+        var = variance_over_models(x)  # (*shape)
         keep = topk_mask(var, int(torch.count_nonzero(var) * params.select_topk))  # mergekit's k
-        x = x * keep  # (n, *shape)
+        x = x * keep.to(x.dtype)  # (n, *shape)
     w = _sce_weights(x)  # (n,)
     mixed, den = consensus_sums(x, w, "sum", scales=w)  # elect on x, sum w_i x_i: (*shape) each
     return mixed.div_(den.clamp_(min=1e-6))

@@ -91,10 +91,14 @@ def task_vectors(problem: MergeProblem) -> tuple[dict[str, Tensor], list[dict[st
             if not b.is_floating_point():
                 continue
             if name not in expert:
-                raise MergeError(f"expert {i} has no tensor {name!r}; experts must use the base's state_dict names")
+                raise MergeError(
+                    f"expert {i} has no tensor {name!r}; experts must use the base's state_dict names"
+                )
             e = expert[name]
             if e.shape != b.shape:
-                raise MergeError(f"expert {i} tensor {name!r} has shape {tuple(e.shape)}, base {tuple(b.shape)}")
+                raise MergeError(
+                    f"expert {i} tensor {name!r} has shape {tuple(e.shape)}, base {tuple(b.shape)}"
+                )
             tv[name] = e.detach().to(device=b.device, dtype=torch.float32) - b.float()
         out.append(tv)
     if not out:
@@ -102,7 +106,9 @@ def task_vectors(problem: MergeProblem) -> tuple[dict[str, Tensor], list[dict[st
     return base, out
 
 
-def task_arithmetic_state(base: Mapping[str, Tensor], tvs: Sequence[Mapping[str, Tensor]], scale: float) -> dict:
+def task_arithmetic_state(
+    base: Mapping[str, Tensor], tvs: Sequence[Mapping[str, Tensor]], scale: float
+) -> dict:
     """``base + scale * sum_i tau_i`` for every task-vector entry; other tensors as in ``base``."""
     out = dict(base)
     for name in tvs[0]:
@@ -144,13 +150,19 @@ class LowRankExperts(nn.Module):
     @classmethod
     def from_deltas(cls, weights: Tensor, biases: Tensor | None, rank: int) -> LowRankExperts:
         """Factor weight differences ``(n, out, in)`` to rank ``rank`` (0: full); biases ``(n, out)`` kept exactly."""
-        n, out_f, in_f = weights.shape
         factors = [low_rank(w, rank) for w in weights]
-        r = factors[0][0].shape[1]
+        return cls.from_factors(
+            torch.stack([f[0] for f in factors]), torch.stack([f[1] for f in factors]), biases
+        )
+
+    @classmethod
+    def from_factors(cls, up: Tensor, down: Tensor, biases: Tensor | None) -> LowRankExperts:
+        """From ``up (n, out, r)``, ``down (n, r, in)`` and optional ``biases (n, out)``."""
+        (n, out_f, r), in_f = up.shape, down.shape[2]
         experts = cls(n, r, in_f, out_f, biases is not None)
         with torch.no_grad():
-            experts.up.copy_(torch.stack([f[0] for f in factors]))
-            experts.down.copy_(torch.stack([f[1] for f in factors]))
+            experts.up.copy_(up)
+            experts.down.copy_(down)
             if biases is not None:
                 experts.bias.copy_(biases)
         return experts

@@ -39,6 +39,7 @@ __all__ = [
     "check_experts",
     "collect_fisher",
     "collect_grams",
+    "count",
     "draw",
     "finish",
     "linear_modules",
@@ -72,7 +73,11 @@ def sidecar_path(expert_dir: str | Path, kind: str) -> Path:
 
 
 def save_stats(
-    path: str | Path, stats: Mapping[str, Tensor], *, kind: str, examples: int,
+    path: str | Path,
+    stats: Mapping[str, Tensor],
+    *,
+    kind: str,
+    examples: int,
     extra: Mapping[str, str] | None = None,
 ) -> Path:
     """Save per-tensor statistics as a safetensors file with ``format``/``kind``/``examples`` metadata."""
@@ -97,7 +102,9 @@ def load_stats(path: str | Path, kind: str | None = None) -> Stats:
         meta = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     if meta.get("format") != STATS_FORMAT:
-        raise CheckpointError(f"{path} is not a unimerge statistics sidecar (metadata format={meta.get('format')!r}).")
+        raise CheckpointError(
+            f"{path} is not a unimerge statistics sidecar (metadata format={meta.get('format')!r})."
+        )
     if kind is not None and meta.get("kind") != kind:
         raise CheckpointError(f"{path} holds {meta.get('kind')!r} statistics, expected {kind!r}.")
     return Stats(tensors, meta["kind"], int(meta.get("examples", "0")), meta)
@@ -111,8 +118,8 @@ def autocast(device: torch.device | str, enabled: bool) -> contextlib.AbstractCo
     return torch.autocast(kind, dtype=torch.bfloat16)
 
 
-def check_experts(problem: MergeProblem) -> None:
-    """Every expert has the base's tensor names and shapes, and there is one task per expert.
+def check_experts(problem: MergeProblem, paired: bool = True) -> None:
+    """Every expert has the base's tensor names and shapes; with ``paired``, one task per expert.
 
     Raises:
         PlanError: naming the expert, the tensors and the fix.
@@ -120,19 +127,26 @@ def check_experts(problem: MergeProblem) -> None:
     ref = problem.base.state_dict()
     if not problem.experts:
         raise PlanError("MergeProblem has no experts; pass one state dict per task.")
-    if len(problem.experts) != len(problem.tasks):
-        raise PlanError(f"MergeProblem has {len(problem.experts)} experts but {len(problem.tasks)} tasks; "
-                        "pass one TaskSource per expert, in the same order.")
+    if not problem.tasks:
+        raise PlanError("MergeProblem has no tasks; pass at least one TaskSource.")
+    if paired and len(problem.experts) != len(problem.tasks):
+        raise PlanError(
+            f"MergeProblem has {len(problem.experts)} experts but {len(problem.tasks)} tasks; "
+            "pass one TaskSource per expert, in the same order."
+        )
     for i, sd in enumerate(problem.experts):
         missing, extra = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
         if missing or extra:
-            raise PlanError(f"Expert {i} ({problem.tasks[i].name}) does not match base.state_dict(): "
-                            f"missing {missing[:5]}, unexpected {extra[:5]}.")
+            raise PlanError(
+                f"Expert {i} does not match base.state_dict(): missing {missing[:5]}, unexpected {extra[:5]}."
+            )
         bad = [k for k in ref if tuple(sd[k].shape) != tuple(ref[k].shape)]
         if bad:
             k = bad[0]
-            raise PlanError(f"Expert {i} ({problem.tasks[i].name}): tensor {k!r} has shape {tuple(sd[k].shape)}, "
-                            f"the base has {tuple(ref[k].shape)}.")
+            raise PlanError(
+                f"Expert {i}: tensor {k!r} has shape {tuple(sd[k].shape)}, "
+                f"the base has {tuple(ref[k].shape)}."
+            )
 
 
 def work_module(problem: MergeProblem) -> nn.Module:
@@ -153,12 +167,15 @@ def varying_names(experts: Sequence[Mapping[str, Tensor]]) -> list[str]:
     """Floating-point tensors on which the experts disagree (the rest merge to themselves)."""
     first = experts[0]
     return [
-        k for k, v in first.items()
+        k
+        for k, v in first.items()
         if v.is_floating_point() and any(not torch.equal(v, sd[k]) for sd in experts[1:])
     ]
 
 
-def average_state(experts: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | None = None) -> dict[str, Tensor]:
+def average_state(
+    experts: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | None = None
+) -> dict[str, Tensor]:
     """Weighted mean of every floating tensor (weights normalised to sum 1); others from expert 0."""
     n = len(experts)
     w = torch.tensor(weights if weights is not None else [1.0] * n, dtype=torch.float64)
@@ -173,7 +190,9 @@ def average_state(experts: Sequence[Mapping[str, Tensor]], weights: Sequence[flo
     return out
 
 
-def draw(problem: MergeProblem, task: int, labeled: bool, batch_size: int, n: int | None = None) -> list[Batch]:
+def draw(
+    problem: MergeProblem, task: int, labeled: bool, batch_size: int, n: int | None = None
+) -> list[Batch]:
     """Task ``task``'s data budget (``problem.budget`` examples, seeded) as batches on ``problem.device``."""
     source = problem.tasks[task]
     n = problem.budget if n is None else n
@@ -189,15 +208,20 @@ def count(batches: Iterable[Batch]) -> int:
 def finish(problem: MergeProblem, state: Mapping[str, Tensor], examples: int, labeled: bool) -> MergedModel:
     """Wrap a merged state dict as a :class:`MergedModel` (a fresh copy of the base holding it)."""
     module = load_state(work_module(problem), state)
-    return MergedModel(module=module, examples_used=examples, labeled=labeled,
-                       params_total=sum(p.numel() for p in module.parameters()))
+    return MergedModel(
+        module=module,
+        examples_used=examples,
+        labeled=labeled,
+        params_total=sum(p.numel() for p in module.parameters()),
+    )
 
 
 def linear_modules(module: nn.Module, within: nn.Module | None = None) -> dict[str, nn.Linear]:
     """``nn.Linear`` submodules by name (as in ``module.named_modules()``), optionally those inside ``within``."""
     inside = None if within is None else {id(m) for m in within.modules()}
     return {
-        name: m for name, m in module.named_modules()
+        name: m
+        for name, m in module.named_modules()
         if isinstance(m, nn.Linear) and (inside is None or id(m) in inside)
     }
 
@@ -250,6 +274,7 @@ def collect_grams(
             x = _rows(args[0].detach(), current["mask"]).float()  # (rows, in)
             sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
             rows[name] = rows.get(name, 0) + x.shape[0]
+
         return hook
 
     def stop(mod: nn.Module, args: tuple, out: object) -> None:
@@ -304,6 +329,8 @@ def collect_fisher(
     params = dict(module.named_parameters())
     keep = set(params) if names is None else set(names) & set(params)
     chosen = {k: p for k, p in params.items() if k in keep}
+    if not chosen:  # nothing to estimate (e.g. the experts agree everywhere)
+        return {}, count(list(batches))
     flags = {k: p.requires_grad for k, p in params.items()}
     for k, p in params.items():
         p.requires_grad_(k in keep)

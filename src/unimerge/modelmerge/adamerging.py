@@ -31,7 +31,14 @@ from unimerge.methods._registry import register_method
 from unimerge.modelmerge._problem import MergedModel, MergeProblem
 from unimerge.modelmerge._stats import autocast, check_experts, count, draw, finish, work_module
 
-__all__ = ["AdaMergingParams", "AdaResult", "adamerge", "entropy", "layer_wise_adamerging", "task_wise_adamerging"]
+__all__ = [
+    "AdaMergingParams",
+    "AdaResult",
+    "adamerge",
+    "entropy",
+    "layer_wise_adamerging",
+    "task_wise_adamerging",
+]
 
 
 class AdaMergingParams(BaseModel):
@@ -97,14 +104,21 @@ def _merged(base: Mapping[str, Tensor], taus: Mapping[str, Tensor], lam: Tensor)
     return out
 
 
-def adamerge(problem: MergeProblem, params: AdaMergingParams, granularity: Literal["task", "layer"]) -> AdaResult:
+def adamerge(
+    problem: MergeProblem, params: AdaMergingParams, granularity: Literal["task", "layer"]
+) -> AdaResult:
     """Train AdaMerging coefficients (see the module docstring) and return the merged state dict."""
-    check_experts(problem)
+    check_experts(problem, paired=False)
     module = work_module(problem)
     base = {k: v.to(problem.device) for k, v in module.state_dict().items()}
-    names = [k for k, _ in module.named_parameters()
-             if any(not torch.equal(sd[k].to(base[k].device), base[k]) for sd in problem.experts)]
-    taus = {k: torch.stack([sd[k].to(base[k]) - base[k] for sd in problem.experts]) for k in names}  # (n, *shape)
+    names = [
+        k
+        for k, _ in module.named_parameters()
+        if any(not torch.equal(sd[k].to(base[k].device), base[k]) for sd in problem.experts)
+    ]
+    taus = {
+        k: torch.stack([sd[k].to(base[k]) - base[k] for sd in problem.experts]) for k in names
+    }  # (n, *shape)
     rows = 1 if granularity == "task" else len(names)
     lam = torch.full((rows, len(problem.experts)), params.init, device=problem.device, requires_grad=True)
     opt = torch.optim.Adam([lam], lr=params.lr)
@@ -118,30 +132,51 @@ def adamerge(problem: MergeProblem, params: AdaMergingParams, granularity: Liter
             with autocast(problem.device, params.bf16):
                 loss = entropy(problem.logits(view, t, batches[step % len(batches)]))
             loss.backward(retain_graph=t < len(data) - 1)
-            total += float(loss)
+            total += float(loss.detach())
         opt.step()
         with torch.no_grad():
             lam.clamp_(params.lower, params.upper)
         history.append(total)
     with torch.no_grad():
         state = {**base, **_merged(base, taus, lam.detach())}
-    return AdaResult(lam.detach().cpu(), names, history, {k: v.cpu() for k, v in state.items()},
-                     max(count(d) for d in data))
+    return AdaResult(
+        lam.detach().cpu(),
+        names,
+        history,
+        {k: v.cpu() for k, v in state.items()},
+        max(count(d) for d in data),
+    )
 
 
 _GRID = {"lr": (1e-3, 5e-3)}
 
 
-@register_method("task_wise_adamerging", params=AdaMergingParams, family="data", needs_base=True,
-                 paper="https://arxiv.org/abs/2310.02575", inputs="problem", data="unlabeled", grid=_GRID)
+@register_method(
+    "task_wise_adamerging",
+    params=AdaMergingParams,
+    family="data",
+    needs_base=True,
+    paper="https://arxiv.org/abs/2310.02575",
+    inputs="problem",
+    data="unlabeled",
+    grid=_GRID,
+)
 def task_wise_adamerging(problem: MergeProblem, params: AdaMergingParams) -> MergedModel:  # type: ignore[misc]
     """Task-wise AdaMerging: one task-arithmetic coefficient per task, learned by entropy minimisation."""
     res = adamerge(problem, params, "task")
     return finish(problem, res.state, res.examples, labeled=False)
 
 
-@register_method("layer_wise_adamerging", params=AdaMergingParams, family="data", needs_base=True,
-                 paper="https://arxiv.org/abs/2310.02575", inputs="problem", data="unlabeled", grid=_GRID)
+@register_method(
+    "layer_wise_adamerging",
+    params=AdaMergingParams,
+    family="data",
+    needs_base=True,
+    paper="https://arxiv.org/abs/2310.02575",
+    inputs="problem",
+    data="unlabeled",
+    grid=_GRID,
+)
 def layer_wise_adamerging(problem: MergeProblem, params: AdaMergingParams) -> MergedModel:  # type: ignore[misc]
     """Layer-wise AdaMerging: one coefficient per task and parameter tensor, learned by entropy minimisation."""
     res = adamerge(problem, params, "layer")

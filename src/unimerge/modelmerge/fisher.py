@@ -43,7 +43,14 @@ from unimerge.modelmerge._stats import (
     work_module,
 )
 
-__all__ = ["FisherParams", "compute_fishers", "fisher", "fisher_merge", "fisher_state_dict", "normalize_fishers"]
+__all__ = [
+    "FisherParams",
+    "compute_fishers",
+    "fisher",
+    "fisher_merge",
+    "fisher_state_dict",
+    "normalize_fishers",
+]
 
 
 class FisherParams(BaseModel):
@@ -116,6 +123,7 @@ def fisher_state_dict(
 def _log_probs(problem: MergeProblem, task: int):
     def fn(module: nn.Module, batch: Batch) -> Tensor:
         return torch.log_softmax(problem.logits(module, task, batch).float(), dim=-1)  # (b, k)
+
     return fn
 
 
@@ -132,17 +140,32 @@ def compute_fishers(problem: MergeProblem, params: FisherParams) -> tuple[list[d
     for i, sd in enumerate(problem.experts):
         load_state(module, sd)
         batches = draw(problem, i, labeled=params.mode == "empirical", batch_size=params.batch_size)
-        f, _ = collect_fisher(module, batches, _log_probs(problem, i), mode=params.mode,
-                              micro_batch=params.micro_batch, names=names, generator=g,
-                              bf16=params.bf16, device=problem.device)
+        f, _ = collect_fisher(
+            module,
+            batches,
+            _log_probs(problem, i),
+            mode=params.mode,
+            micro_batch=params.micro_batch,
+            names=names,
+            generator=g,
+            bf16=params.bf16,
+            device=problem.device,
+        )
         fishers.append(f)
         used = max(used, count(batches))
     return fishers, used
 
 
-@register_method("fisher", params=FisherParams, family="data", needs_base=True,
-                 paper="https://arxiv.org/abs/2111.09832", inputs="problem", data="labeled",
-                 grid={"normalize": (False, True)})
+@register_method(
+    "fisher",
+    params=FisherParams,
+    family="data",
+    needs_base=True,
+    paper="https://arxiv.org/abs/2111.09832",
+    inputs="problem",
+    data="labeled",
+    grid={"normalize": (False, True)},
+)
 def fisher(problem: MergeProblem, params: FisherParams) -> MergedModel:  # type: ignore[misc]
     """Fisher merging: Fisher-weighted average of the experts (empirical or sampled diagonal Fisher)."""
     check_experts(problem)

@@ -55,8 +55,9 @@ def _dense_count(inner: nn.Module) -> int:
     return total
 
 
-def save_merged(merged: MergedModel, path: str | Path, *, method: str | None = None,
-                params: dict[str, Any] | None = None) -> Path:
+def save_merged(
+    merged: MergedModel, path: str | Path, *, method: str | None = None, params: dict[str, Any] | None = None
+) -> Path:
     """Write ``merged`` to the folder ``path`` (see the module docstring); returns the path.
 
     ``method``/``params`` default to what the method recorded on the module.
@@ -71,7 +72,9 @@ def save_merged(merged: MergedModel, path: str | Path, *, method: str | None = N
     tasks = {}
     for name, tm in merged.task_modules.items():
         if not isinstance(tm, SurgeryModule) or tm.model is not module:
-            raise CheckpointError(f"task module {name!r} is not a surgery module on the merged model; cannot save it")
+            raise CheckpointError(
+                f"task module {name!r} is not a surgery module on the merged model; cannot save it"
+            )
         tasks[name] = {"kind": tm.kind, "config": tm.wrapper_config()}
         tensors.update({f"task_modules.{name}.adapter.{k}": v for k, v in tm.adapter.state_dict().items()})
     total = merged.params_total or count_params(module, *merged.task_modules.values())
@@ -92,8 +95,11 @@ def save_merged(merged: MergedModel, path: str | Path, *, method: str | None = N
     if hasattr(hf_config, "to_json_file"):
         hf_config.to_json_file(out / "config.json")
         meta["base_config"] = "config.json"
-    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, out / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous().clone() for k, v in tensors.items()},
+        out / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     (out / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     (out / "README.md").write_text(_model_card(meta))
     return out
@@ -110,7 +116,7 @@ def _model_card(meta: dict[str, Any]) -> str:
         f"- Upgraded layers: {len(meta['layers'])}; examples drawn per task: {meta['examples_used']} "
         f"({'labelled' if meta['labeled'] else 'unlabeled'}).\n"
         f"- Parameters: `{json.dumps(meta['params'])}`\n\n"
-        "Load it with:\n\n```python\nimport unimerge\nmodel = unimerge.load(\"path/to/this/folder\")"
+        'Load it with:\n\n```python\nimport unimerge\nmodel = unimerge.load("path/to/this/folder")'
         "  # base=... for non-Hugging Face models\n```\n"
     )
 
@@ -124,7 +130,9 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{file} is not valid JSON ({err}); re-save the model") from None
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{file}: unknown format {meta.get('format')!r} (this unimerge reads {FORMAT!r})")
+        raise CheckpointError(
+            f"{file}: unknown format {meta.get('format')!r} (this unimerge reads {FORMAT!r})"
+        )
     return meta
 
 
@@ -171,17 +179,26 @@ def load_merged(path: str | Path, base: BaseSpec = None) -> MergedModel:
     try:
         module.load_state_dict(own, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{folder / 'model.safetensors'} does not fit the rebuilt model: {err}") from None
+        raise CheckpointError(
+            f"{folder / 'model.safetensors'} does not fit the rebuilt model: {err}"
+        ) from None
     module.requires_grad_(False).eval()
     module.unimerge_method = {"method": meta["method"], "params": meta["params"]}
     tasks = {}
     for name, spec in meta["task_modules"].items():
         tm = _WRAPPERS[spec["kind"]](module, **spec["config"])
         prefix = f"task_modules.{name}.adapter."
-        tm.adapter.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
+        tm.adapter.load_state_dict(
+            {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        )
         tasks[name] = tm.requires_grad_(False).eval()
-    return MergedModel(module=module, examples_used=meta["examples_used"], labeled=meta["labeled"],
-                       task_modules=tasks, params_total=meta["params_total"])
+    return MergedModel(
+        module=module,
+        examples_used=meta["examples_used"],
+        labeled=meta["labeled"],
+        task_modules=tasks,
+        params_total=meta["params_total"],
+    )
 
 
 def load(path: str | Path, base: BaseSpec = None) -> nn.Module:

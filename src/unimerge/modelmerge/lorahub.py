@@ -74,8 +74,12 @@ class SearchResult:
 
 
 def cma_minimize(
-    f: Callable[[list[float]], float], x0: Sequence[float], sigma: float, bounds: tuple[float, float],
-    evaluations: int, seed: int,
+    f: Callable[[list[float]], float],
+    x0: Sequence[float],
+    sigma: float,
+    bounds: tuple[float, float],
+    evaluations: int,
+    seed: int,
 ) -> tuple[list[float], float, list[float]]:
     """Minimise ``f`` with CMA-ES (``cma``) within ``evaluations`` calls; 1-D falls back to a grid.
 
@@ -107,8 +111,11 @@ def cma_minimize(
         raise ConfigError("lorahub needs the optional package `cma` (pip install cma).") from None
     state = np.random.get_state()  # cma seeds numpy's global generator; restore the caller's
     try:
-        es = cma.CMAEvolutionStrategy(list(x0), sigma, {"bounds": list(bounds), "seed": seed + 1,
-                                                        "verbose": -9, "maxfevals": evaluations})
+        es = cma.CMAEvolutionStrategy(
+            list(x0),
+            sigma,
+            {"bounds": list(bounds), "seed": seed + 1, "verbose": -9, "maxfevals": evaluations},
+        )
         while not es.stop() and len(history) < evaluations:
             xs = es.ask()
             if len(history) + len(xs) > evaluations:  # last, partial population: evaluate, no update
@@ -141,14 +148,16 @@ def _composer(problem: MergeProblem, params: LoraHubParams) -> Callable[[Sequenc
     extra: Mapping[str, Any] = params.method_params
 
     def compose(w: Sequence[float]) -> dict[str, Tensor]:
-        return merge_state_dicts(params.method, problem.experts, base, seed=problem.seed,
-                                 weight=[float(v) for v in w], **extra)
+        return merge_state_dicts(
+            params.method, problem.experts, base, seed=problem.seed, weight=[float(v) for v in w], **extra
+        )
+
     return compose
 
 
 def lorahub_search(problem: MergeProblem, params: LoraHubParams) -> SearchResult:
     """Search per-model weights (see the module docstring); returns the best merge found."""
-    check_experts(problem)
+    check_experts(problem, paired=False)
     module = work_module(problem)
     data = [draw(problem, t, labeled=True, batch_size=params.batch_size) for t in range(len(problem.tasks))]
     compose = _composer(problem, params)
@@ -158,14 +167,27 @@ def lorahub_search(problem: MergeProblem, params: LoraHubParams) -> SearchResult
         load_state(module, compose(w))
         return task_loss(problem, module, data, params.bf16) + params.reg * float(np.mean(np.abs(w)))
 
-    w, score, history = cma_minimize(objective, [params.init] * len(problem.experts), params.sigma,
-                                     (params.lower, params.upper), params.evaluations, problem.seed)
+    w, score, history = cma_minimize(
+        objective,
+        [params.init] * len(problem.experts),
+        params.sigma,
+        (params.lower, params.upper),
+        params.evaluations,
+        problem.seed,
+    )
     return SearchResult(w, score, history, compose(w), max(count(d) for d in data))
 
 
-@register_method("lorahub", params=LoraHubParams, family="data", needs_base=True,
-                 paper="https://arxiv.org/abs/2307.13269", inputs="problem", data="labeled",
-                 grid={"reg": (0.05,)})
+@register_method(
+    "lorahub",
+    params=LoraHubParams,
+    family="data",
+    needs_base=True,
+    paper="https://arxiv.org/abs/2307.13269",
+    inputs="problem",
+    data="labeled",
+    grid={"reg": (0.05,)},
+)
 def lorahub(problem: MergeProblem, params: LoraHubParams) -> MergedModel:  # type: ignore[misc]
     """LoraHub: CMA-ES search of per-model weights of a data-free merge, scored on few labelled examples."""
     res = lorahub_search(problem, params)

@@ -82,14 +82,25 @@ def regmean_merge(weights: Tensor, grams: Tensor, alpha: float = 1.0) -> Tensor:
         ``(sum_i W_i G_i) (sum_i G_i)^-1``: ``(out, in)`` in ``weights``' dtype.
     """
     if weights.dim() != 3 or grams.shape != (weights.shape[0], weights.shape[2], weights.shape[2]):
-        raise ValueError(f"regmean_merge needs weights (n, out, in) and grams (n, in, in); got "
-                         f"{tuple(weights.shape)} and {tuple(grams.shape)}")
+        raise ValueError(
+            f"regmean_merge needs weights (n, out, in) and grams (n, in, in); got "
+            f"{tuple(weights.shape)} and {tuple(grams.shape)}"
+        )
     g = scale_off_diagonal(grams.to(torch.float64), alpha)  # (n, in, in)
     w = weights.to(torch.float64)  # (n, out, in)
     mean = w.mean(0)  # (out, in)
     rhs = torch.einsum("noi,nij->oj", w - mean, g)  # (out, in): sum_i (W_i - mean) G_i
-    merged = mean + rhs @ torch.linalg.pinv(g.sum(0), hermitian=True)
-    return merged.to(weights.dtype)
+    return (mean + _solve_right(rhs, g.sum(0))).to(weights.dtype)
+
+
+def _solve_right(rhs: Tensor, gram: Tensor) -> Tensor:
+    """``rhs @ gram^-1`` for a symmetric PSD ``gram``: Cholesky when it is positive definite, else the
+    pseudo-inverse (directions without data get nothing)."""
+    chol, info = torch.linalg.cholesky_ex(gram)  # (in, in)
+    d = torch.diagonal(chol)
+    if int(info) == 0 and float(d.min()) ** 2 > 1e-12 * float(d.max()) ** 2:  # well conditioned enough
+        return torch.cholesky_solve(rhs.T, chol).T  # (out, in)
+    return rhs @ torch.linalg.pinv(gram, hermitian=True)
 
 
 def regmean_state_dict(
@@ -108,6 +119,7 @@ def regmean_state_dict(
 def _run(problem: MergeProblem):
     def run(module: nn.Module, batch: Batch) -> Tensor:
         return problem.features(module, batch)
+
     return run
 
 
@@ -124,15 +136,25 @@ def compute_grams(problem: MergeProblem, params: RegMeanParams) -> tuple[list[di
     for i, sd in enumerate(problem.experts):
         load_state(module, sd)
         batches = draw(problem, i, labeled=False, batch_size=params.batch_size)
-        grams.append(collect_grams(module, batches, _run(problem), layers=layers, bf16=params.bf16,
-                                   device=problem.device))
+        grams.append(
+            collect_grams(
+                module, batches, _run(problem), layers=layers, bf16=params.bf16, device=problem.device
+            )
+        )
         used = max(used, count(batches))
     return grams, used
 
 
-@register_method("regmean", params=RegMeanParams, family="data", needs_base=True,
-                 paper="https://arxiv.org/abs/2212.09849", inputs="problem", data="unlabeled",
-                 grid={"alpha": (0.7, 0.95)})
+@register_method(
+    "regmean",
+    params=RegMeanParams,
+    family="data",
+    needs_base=True,
+    paper="https://arxiv.org/abs/2212.09849",
+    inputs="problem",
+    data="unlabeled",
+    grid={"alpha": (0.7, 0.95)},
+)
 def regmean(problem: MergeProblem, params: RegMeanParams) -> MergedModel:  # type: ignore[misc]
     """RegMean: per-layer least-squares merge of linear weights from input Gram matrices."""
     check_experts(problem)
@@ -156,14 +178,23 @@ def find_blocks(module: nn.Module) -> tuple[str, list[nn.Module]]:
             if best is None or size > best[0]:
                 best = (size, name, list(m))
     if best is None:
-        raise PlanError(f"regmean_plusplus merges block by block but {type(module).__name__} has no "
-                        "nn.ModuleList/nn.Sequential of blocks; use regmean instead.")
+        raise PlanError(
+            f"regmean_plusplus merges block by block but {type(module).__name__} has no "
+            "nn.ModuleList/nn.Sequential of blocks; use regmean instead."
+        )
     return best[1], best[2]
 
 
-@register_method("regmean_plusplus", params=RegMeanParams, family="data", needs_base=True,
-                 paper="https://arxiv.org/abs/2508.03121", inputs="problem", data="unlabeled",
-                 grid={"alpha": (0.7, 0.95)})
+@register_method(
+    "regmean_plusplus",
+    params=RegMeanParams,
+    family="data",
+    needs_base=True,
+    paper="https://arxiv.org/abs/2508.03121",
+    inputs="problem",
+    data="unlabeled",
+    grid={"alpha": (0.7, 0.95)},
+)
 def regmean_plusplus(problem: MergeProblem, params: RegMeanParams) -> MergedModel:  # type: ignore[misc]
     """RegMean++: RegMean block by block, each block's inputs from the already-merged blocks."""
     check_experts(problem)
@@ -172,7 +203,9 @@ def regmean_plusplus(problem: MergeProblem, params: RegMeanParams) -> MergedMode
     load_state(module, merged)
     prefix, blocks = find_blocks(module)
     varying = set(varying_names(problem.experts))
-    data = [draw(problem, i, labeled=False, batch_size=params.batch_size) for i in range(len(problem.experts))]
+    data = [
+        draw(problem, i, labeled=False, batch_size=params.batch_size) for i in range(len(problem.experts))
+    ]
     for idx, block in enumerate(blocks):
         start = f"{prefix}.{idx}." if prefix else f"{idx}."
         names = [k for k in merged if k.startswith(start)]
@@ -182,8 +215,17 @@ def regmean_plusplus(problem: MergeProblem, params: RegMeanParams) -> MergedMode
         grams = []
         for i, sd in enumerate(problem.experts):
             load_state(module, {k: sd[k] for k in names}, strict=False)  # expert i's block, merged prefix
-            grams.append(collect_grams(module, data[i], _run(problem), layers=layers, stop_after=block,
-                                       bf16=params.bf16, device=problem.device))
+            grams.append(
+                collect_grams(
+                    module,
+                    data[i],
+                    _run(problem),
+                    layers=layers,
+                    stop_after=block,
+                    bf16=params.bf16,
+                    device=problem.device,
+                )
+            )
         for k in grams[0]:
             w = torch.stack([sd[k] for sd in problem.experts])  # (n, out, in)
             merged[k] = regmean_merge(w, torch.stack([g[k] for g in grams]), params.alpha).to(merged[k].dtype)

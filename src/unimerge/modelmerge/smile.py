@@ -28,6 +28,7 @@ from unimerge.modelmerge._moe import (
     LowRankExperts,
     count_params,
     dense_copy,
+    low_rank,
     match_linears,
     replace_module,
     task_arithmetic_state,
@@ -45,8 +46,12 @@ class SmileParams(BaseModel):
     k: int = Field(default=32, ge=0, le=16384, description="rank of each expert (0: full rank)")
     gate_k: int = Field(default=16, ge=1, le=16384, description="singular vectors per expert in the router")
     top_k: int = Field(default=1, ge=1, le=64, description="experts mixed per token")
-    targets: tuple[str, ...] = Field(default=MLP_TARGETS, min_length=1, max_length=32,
-                                     description="regexes of the nn.Linear names to upscale")
+    targets: tuple[str, ...] = Field(
+        default=MLP_TARGETS,
+        min_length=1,
+        max_length=32,
+        description="regexes of the nn.Linear names to upscale",
+    )
     rest: Literal["average", "pretrained"] = Field(default="average", description="other tensors")
 
 
@@ -55,19 +60,29 @@ class SmileLinear(nn.Module):
 
     kind: ClassVar[str] = "smile_linear"
 
-    def __init__(self, in_features: int, out_features: int, n: int, k: int, gate_k: int, top_k: int,
-                 bias: bool) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, n: int, k: int, gate_k: int, top_k: int, bias: bool
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.n, self.k, self.gate_k, self.top_k = n, k, gate_k, min(top_k, n)
         self.weight = nn.Parameter(torch.zeros(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self.gate = nn.Parameter(torch.zeros(n, gate_k, in_features), requires_grad=False)  # V_i[:, :gate_k]^T
+        self.gate = nn.Parameter(
+            torch.zeros(n, gate_k, in_features), requires_grad=False
+        )  # V_i[:, :gate_k]^T
         self.experts = LowRankExperts(n, k, in_features, out_features, bias)
 
     def config(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features, "n": self.n, "k": self.k,
-                "gate_k": self.gate_k, "top_k": self.top_k, "bias": self.bias is not None}
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "n": self.n,
+            "k": self.k,
+            "gate_k": self.gate_k,
+            "top_k": self.top_k,
+            "bias": self.bias is not None,
+        }
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> SmileLinear:
@@ -75,17 +90,23 @@ class SmileLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def build(cls, linear: nn.Linear, dw: Tensor, db: Tensor | None, k: int, gate_k: int, top_k: int) -> SmileLinear:
+    def build(
+        cls, linear: nn.Linear, dw: Tensor, db: Tensor | None, k: int, gate_k: int, top_k: int
+    ) -> SmileLinear:
         """From the pretrained ``linear`` and the task differences ``dw (n, out, in)``, ``db (n, out)``."""
-        experts = LowRankExperts.from_deltas(dw, db, k)
-        vh = [torch.linalg.svd(w.float(), full_matrices=False)[2] for w in dw]  # (m, in) each
-        g = min(gate_k, vh[0].shape[0])
-        layer = cls(linear.in_features, linear.out_features, dw.shape[0], experts.down.shape[1], g, top_k,
-                    linear.bias is not None)
+        factors = [low_rank(w, 0) for w in dw]  # one SVD per expert: (out, m) U S and (m, in) V^T
+        r = factors[0][1].shape[0] if k <= 0 else min(k, factors[0][1].shape[0])
+        g = min(gate_k, factors[0][1].shape[0])
+        experts = LowRankExperts.from_factors(
+            torch.stack([f[0][:, :r] for f in factors]), torch.stack([f[1][:r] for f in factors]), db
+        )
+        layer = cls(
+            linear.in_features, linear.out_features, dw.shape[0], r, g, top_k, linear.bias is not None
+        )
         layer.weight.copy_(linear.weight)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias)
-        layer.gate.copy_(torch.stack([v[:g] for v in vh]))
+        layer.gate.copy_(torch.stack([f[1][:g] for f in factors]))
         layer.experts = experts
         return layer
 
@@ -103,8 +124,14 @@ class SmileLinear(nn.Module):
 
 
 @register_method(
-    "smile", params=SmileParams, family="moe", needs_base=True, paper="https://arxiv.org/abs/2408.10174",
-    inputs="problem", data="unlabeled", grid={"k": (32, 128), "top_k": (1, 2)},
+    "smile",
+    params=SmileParams,
+    family="moe",
+    needs_base=True,
+    paper="https://arxiv.org/abs/2408.10174",
+    inputs="problem",
+    data="unlabeled",
+    grid={"k": (32, 128), "top_k": (1, 2)},
 )
 def smile(problem: MergeProblem, params: SmileParams) -> MergedModel:
     """SMILE: pretrained layers plus SVD low-rank experts routed by projection norm (zero-shot)."""

@@ -76,7 +76,9 @@ def greedy_select(
 
 
 @torch.no_grad()
-def soup_accuracy(problem: MergeProblem, module: nn.Module, data: Sequence[Sequence[Batch]], bf16: bool) -> float:
+def soup_accuracy(
+    problem: MergeProblem, module: nn.Module, data: Sequence[Sequence[Batch]], bf16: bool
+) -> float:
     """Mean over tasks of ``module``'s accuracy on that task's labelled batches."""
     accs = []
     for t, batches in enumerate(data):
@@ -92,7 +94,7 @@ def soup_accuracy(problem: MergeProblem, module: nn.Module, data: Sequence[Seque
 
 def soup_search(problem: MergeProblem, params: SoupParams) -> tuple[SoupTrace, dict[str, Tensor], int]:
     """Run the greedy search; returns (trace, the soup's state dict, examples used per task)."""
-    check_experts(problem)
+    check_experts(problem, paired=False)
     module = work_module(problem)
     data = [draw(problem, t, labeled=True, batch_size=params.batch_size) for t in range(len(problem.tasks))]
 
@@ -106,9 +108,16 @@ def soup_search(problem: MergeProblem, params: SoupParams) -> tuple[SoupTrace, d
     return trace, average_state([problem.experts[i] for i in trace.chosen]), max(count(d) for d in data)
 
 
-@register_method("greedy_soup", params=SoupParams, family="data", needs_base=True,
-                 paper="https://arxiv.org/abs/2203.05482", inputs="problem", data="labeled",
-                 grid={"mode": ("skip",)})
+@register_method(
+    "greedy_soup",
+    params=SoupParams,
+    family="data",
+    needs_base=True,
+    paper="https://arxiv.org/abs/2203.05482",
+    inputs="problem",
+    data="labeled",
+    grid={"mode": ("skip",)},
+)
 def greedy_soup(problem: MergeProblem, params: SoupParams) -> MergedModel:  # type: ignore[misc]
     """Greedy soup: add experts by held-out accuracy while the uniform average does not get worse."""
     _, merged, used = soup_search(problem, params)

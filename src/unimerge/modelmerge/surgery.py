@@ -33,7 +33,7 @@ from unimerge.modelmerge._moe import (
     task_vectors,
     to_device,
 )
-from unimerge.modelmerge._problem import Batch, MergedModel, MergeProblem
+from unimerge.modelmerge._problem import MergedModel, MergeProblem
 
 __all__ = ["SurgeryAdapter", "SurgeryModule", "SurgeryParams", "feature_distance", "surgery", "train_adapter"]
 
@@ -42,7 +42,9 @@ class SurgeryParams(BaseModel):
     """Representation Surgery's hyperparameters."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
-    lambda_: float = Field(default=0.3, alias="lambda", ge=0.0, le=10.0, description="task-arithmetic scaling")
+    lambda_: float = Field(
+        default=0.3, alias="lambda", ge=0.0, le=10.0, description="task-arithmetic scaling"
+    )
     rank: int = Field(default=16, ge=1, le=4096, description="rank of each surgery module")
     steps: int = Field(default=200, ge=0, le=100000, description="Adam steps per task")
     lr: float = Field(default=1e-3, gt=0.0, le=1.0, description="Adam learning rate")
@@ -118,7 +120,9 @@ def _targets(problem: MergeProblem, merged: nn.Module, task: int, params: Surger
     hook = merged.register_forward_hook(lambda _m, _a, out: grab.append(out))
     rows = []
     try:
-        for batch in problem.tasks[task].unlabeled(problem.budget, batch_size=params.batch_size, seed=problem.seed):
+        for batch in problem.tasks[task].unlabeled(
+            problem.budget, batch_size=params.batch_size, seed=problem.seed
+        ):
             batch = to_device(batch, problem.device)
             with autocast(problem.device, params.bf16):
                 problem.features(merged, batch)
@@ -127,11 +131,15 @@ def _targets(problem: MergeProblem, merged: nn.Module, task: int, params: Surger
     finally:
         hook.remove()
     if not rows:
-        raise MergeError(f"task {problem.tasks[task].name!r} yielded no unlabeled examples (budget {problem.budget})")
+        raise MergeError(
+            f"task {problem.tasks[task].name!r} yielded no unlabeled examples (budget {problem.budget})"
+        )
     return rows
 
 
-def train_adapter(problem: MergeProblem, rows: list[tuple], module: SurgeryModule, params: SurgeryParams) -> list[float]:
+def train_adapter(
+    problem: MergeProblem, rows: list[tuple], module: SurgeryModule, params: SurgeryParams
+) -> list[float]:
     """Adam on ``module.adapter``: L1 between surgered merged features and expert features. Returns losses."""
     replay = _Replay()
     stand_in = SurgeryModule(replay, module.d, module.rank)
@@ -165,8 +173,14 @@ def feature_distance(problem: MergeProblem, rows: list[tuple], adapter: SurgeryA
 
 
 @register_method(
-    "surgery", params=SurgeryParams, family="data", needs_base=True, paper="https://arxiv.org/abs/2402.02705",
-    inputs="problem", data="unlabeled", grid={"lambda": (0.3,)},
+    "surgery",
+    params=SurgeryParams,
+    family="data",
+    needs_base=True,
+    paper="https://arxiv.org/abs/2402.02705",
+    inputs="problem",
+    data="unlabeled",
+    grid={"lambda": (0.3,)},
 )
 def surgery(problem: MergeProblem, params: SurgeryParams) -> MergedModel:
     """Representation Surgery: task arithmetic plus a per-task low-rank fix of the features."""
@@ -184,4 +198,6 @@ def surgery(problem: MergeProblem, params: SurgeryParams) -> MergedModel:
             modules[task.name] = module
     merged.unimerge_method = {"method": "surgery", "params": params.model_dump(mode="json", by_alias=True)}
     total = count_params(merged, *modules.values())
-    return MergedModel(module=merged, examples_used=used, labeled=False, task_modules=modules, params_total=total)
+    return MergedModel(
+        module=merged, examples_used=used, labeled=False, task_modules=modules, params_total=total
+    )

@@ -48,8 +48,12 @@ class TwinParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
     lambda_: float = Field(default=0.3, alias="lambda", ge=0.0, le=10.0, description="shared-expert scaling")
     rank: int = Field(default=32, ge=0, le=16384, description="rank of each exclusive part (0: exact)")
-    targets: tuple[str, ...] = Field(default=ALL_LINEARS, min_length=1, max_length=32,
-                                     description="regexes of the nn.Linear names with exclusive parts")
+    targets: tuple[str, ...] = Field(
+        default=ALL_LINEARS,
+        min_length=1,
+        max_length=32,
+        description="regexes of the nn.Linear names with exclusive parts",
+    )
     router_hidden: int = Field(default=256, ge=1, le=65536, description="router MLP width")
     router_steps: int = Field(default=300, ge=0, le=100000, description="router training steps (full batch)")
     router_lr: float = Field(default=1e-3, gt=0.0, le=1.0, description="router Adam learning rate")
@@ -71,8 +75,13 @@ class TwinLinear(nn.Module):
         self.route: Tensor | None = None  # (b, n) during a routed pass, else None (shared model only)
 
     def config(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features, "n": self.n,
-                "rank": self.rank, "bias": self.bias is not None}
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "n": self.n,
+            "rank": self.rank,
+            "bias": self.bias is not None,
+        }
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> TwinLinear:
@@ -109,7 +118,9 @@ class Standardize(nn.Module):
     @torch.no_grad()
     def fit(self, x: Tensor) -> None:
         self.mean.copy_(x.mean(0))
-        self.std.copy_(x.std(0, unbiased=False).clamp_min(1e-6) if x.shape[0] > 1 else torch.ones_like(self.std))
+        self.std.copy_(
+            x.std(0, unbiased=False).clamp_min(1e-6) if x.shape[0] > 1 else torch.ones_like(self.std)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
@@ -125,7 +136,9 @@ class TwinModel(nn.Module):
         self.model, self.d, self.n, self.hidden = model, d, n, hidden
         self.router = nn.Sequential(Standardize(d), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, n))
         self.config = getattr(model, "config", None)
-        self.capture: list[Tensor] | None = None  # when a list: forward records features, returns shared output
+        self.capture: list[Tensor] | None = (
+            None  # when a list: forward records features, returns shared output
+        )
 
     def wrapper_config(self) -> dict[str, Any]:
         return {"d": self.d, "n": self.n, "hidden": self.hidden}
@@ -164,7 +177,9 @@ def _build(problem: MergeProblem, params: TwinParams) -> nn.Module:
             shared_b = shared_sd[f"{name}.bias"].float()
             db = torch.stack([base_sd[f"{name}.bias"].float() + tv[f"{name}.bias"] - shared_b for tv in tvs])
         experts = LowRankExperts.from_deltas(dw, db, params.rank)
-        layer = TwinLinear(linear.in_features, linear.out_features, len(tvs), experts.down.shape[1], db is not None)
+        layer = TwinLinear(
+            linear.in_features, linear.out_features, len(tvs), experts.down.shape[1], db is not None
+        )
         with torch.no_grad():
             layer.weight.copy_(linear.weight)
             if db is not None:
@@ -208,8 +223,14 @@ def train_router(router: nn.Module, feats: Tensor, ids: Tensor, params: TwinPara
 
 
 @register_method(
-    "twin_merging", params=TwinParams, family="moe", needs_base=True, paper="https://arxiv.org/abs/2406.15479",
-    inputs="problem", data="unlabeled", grid={"rank": (16, 64)},
+    "twin_merging",
+    params=TwinParams,
+    family="moe",
+    needs_base=True,
+    paper="https://arxiv.org/abs/2406.15479",
+    inputs="problem",
+    data="unlabeled",
+    grid={"rank": (16, 64)},
 )
 def twin_merging(problem: MergeProblem, params: TwinParams) -> MergedModel:
     """Twin-Merging: task arithmetic plus SVD-compressed exclusive parts mixed by a task router."""

