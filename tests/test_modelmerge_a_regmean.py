@@ -9,7 +9,7 @@ from torch import nn
 from _modelmerge_a_toy import FakeTask, heads, mlp, mlp_problem, perturbed, problem
 from unimerge.errors import CheckpointError
 from unimerge.methods import get_method
-from unimerge.modelmerge._stats import collect_grams, load_stats, save_stats, sidecar_path
+from unimerge.modelmerge._stats import collect_grams, load_stats, save_sidecars, save_stats, sidecar_path
 from unimerge.modelmerge.regmean import (
     RegMeanParams,
     find_blocks,
@@ -117,6 +117,8 @@ def test_sidecar_round_trip(tmp_path) -> None:
         load_stats(path, kind="fisher")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_stats(tmp_path / "missing.safetensors")
+    paths = save_sidecars([tmp_path / "a", tmp_path / "b"], [stats, stats], kind="fisher", examples=8)
+    assert paths[1] == tmp_path / "b" / "unimerge_fisher.safetensors" and load_stats(paths[1]).examples == 8
 
 
 def test_mismatched_expert_is_a_clear_error() -> None:

@@ -44,8 +44,8 @@ def test_greedy_soup_ranks_by_accuracy_and_leaves_out_the_bad_expert() -> None:
 def test_cma_minimize_finds_a_known_optimum() -> None:
     pytest.importorskip("cma")
     f = lambda x: (x[0] - 0.7) ** 2 + (x[1] + 0.2) ** 2  # noqa: E731
-    x, fx, hist = cma_minimize(f, [0.0, 0.0], 0.5, (-1.5, 1.5), 200, seed=0)
-    assert abs(x[0] - 0.7) < 0.02 and abs(x[1] + 0.2) < 0.02 and fx == min(hist) and len(hist) <= 200
+    x, fx, hist = cma_minimize(f, [0.0, 0.0], 0.5, (-1.5, 1.5), 120, seed=0)
+    assert abs(x[0] - 0.7) < 0.02 and abs(x[1] + 0.2) < 0.02 and fx == min(hist) and len(hist) <= 120
     x1, _, _ = cma_minimize(lambda x: (x[0] - 0.5) ** 2, [0.0], 0.5, (-1.0, 1.0), 21, seed=0)
     assert x1 == [0.5]  # 1-D: a grid with step 0.1
 
@@ -61,9 +61,10 @@ def test_lorahub_beats_uniform_weights_on_full_fine_tunes() -> None:
     res = lorahub_search(p, params)
     uniform = lorahub_search(p, params.model_copy(update={"evaluations": 1, "init": 0.5}))  # w = (0.5, 0.5)
     assert res.score < uniform.score and res.weights[0] > res.weights[1]
-    assert lorahub_search(p, params).weights == res.weights  # seeded
-    out = lorahub(p, params)
+    out = lorahub(p, params)  # the same seeded search again
     assert out.labeled and out.examples_used == 48
+    for k, v in res.state.items():
+        assert torch.equal(out.module.state_dict()[k], v)
 
 
 class LoraLinear(nn.Module):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from unimerge.errors import CheckpointError, MergeError
 from unimerge.methods import get_method
 from unimerge.modelmerge import MergeProblem
-from unimerge.modelmerge._moe import LowRankExperts, match_linears
+from unimerge.modelmerge._moe import LowRankExperts, cycle_batches, match_linears
 from unimerge.modelmerge.load import MODEL_FILE, load, load_merged, save_merged
 from unimerge.modelmerge.smile import SmileLinear, SmileParams, smile
 from unimerge.modelmerge.surgery import SurgeryAdapter, SurgeryParams, _targets, feature_distance, surgery
@@ -198,8 +198,10 @@ def test_wemoe_linear_hand_computed() -> None:
         layer.tau_bias.copy_(torch.tensor([[1.0], [-1.0]]))
         layer.router[2].weight.zero_()
         layer.router[2].bias.copy_(torch.tensor([0.5, 0.25]))
-    out = layer(torch.tensor([[[2.0], [2.0]]]))  # (b=1, t=2, 1)
-    assert torch.allclose(out, torch.full((1, 2, 1), 7.25))
+    x = torch.tensor([[[2.0], [2.0]]])  # (b=1, t=2, 1)
+    assert torch.allclose(layer(x), torch.full((1, 2, 1), 7.25))
+    layer.batch_reduce = True  # the training path: one mixture per batch (same here, b=1)
+    assert torch.allclose(layer(x), torch.full((1, 2, 1), 7.25))
 
 
 def test_wemoe_structure_and_task_arithmetic_rest() -> None:
@@ -386,3 +388,10 @@ def test_low_rank_experts_rank_truncation() -> None:
 def test_modules_do_not_import_transformers() -> None:
     code = "import sys, unimerge.modelmerge; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_training_streams_stay_within_the_budget() -> None:
+    """Training cycles over the same ``budget`` examples instead of drawing new ones."""
+    stream = cycle_batches(FakeTask("t", torch.zeros(D)), 8, 4, seed=0, device="cpu")
+    got = [next(stream)["x"] for _ in range(6)]  # 3 passes of 2 batches
+    assert torch.equal(got[0], got[2]) and torch.equal(got[1], got[5]) and not torch.equal(got[0], got[1])

@@ -100,7 +100,7 @@ def merge_tensor(
     if info.inputs == "deltas":
         if b is None:
             raise ConfigError(f"Method {info.name!r} needs a base model; set `base_model:` in the config.")
-        x = x - b
+        x.sub_(b)  # x is a fresh stack: subtract in place (no second (n, *shape) buffer)
     out = info.fn(x, params, per_model, base=b, generator=generator)
     return out + b if info.inputs == "deltas" and b is not None else out
 

@@ -10,6 +10,7 @@ streams the inputs again, before the merge pass.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -98,21 +99,28 @@ class _Runner:
             self._stacked[key] = stack_per_model(job.per_model, self.device)
         return {**self._stacked[key], **self.extra}
 
-    def _read(self, model: int, name: str) -> Tensor:
-        t = self.plan.checkpoints[model].read(name)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            msg = f"{self.plan.checkpoints[model].ref}: tensor {name!r} contains NaN or Inf values"
-            self.warnings.append(msg)
-            log.warning(msg)
-        return t
+    def _warn_nonfinite(self, job: TensorJob, tensors: Sequence[Tensor], base: Tensor | None) -> None:
+        """Name every input of ``job`` holding NaN/Inf (called only when a cheap check failed)."""
+        srcs = [*job.sources, *([job.base] if job.base is not None else [])]
+        for src, t in zip(srcs, [*tensors, *([base] if base is not None else [])], strict=True):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                msg = f"{self.plan.checkpoints[src.model].ref}: tensor {src.name!r} contains NaN or Inf values"
+                self.warnings.append(msg)
+                log.warning(msg)
 
     def inputs(self, job: TensorJob) -> tuple[list[Tensor], Tensor | None]:
-        tensors = [self._read(s.model, s.name) for s in job.sources]
-        base = self._read(job.base.model, job.base.name) if job.base is not None else None
+        read = self.plan.checkpoints
+        tensors = [read[s.model].read(s.name) for s in job.sources]
+        base = read[job.base.model].read(job.base.name) if job.base is not None else None
         return tensors, base
 
     def merge(self, job: TensorJob) -> Tensor:
         tensors, base = self.inputs(job)
+        if tensors[0].is_floating_point():  # one cheap pass; a full scan only to name a bad input
+            total = sum(float(t.float().sum()) if t.dtype != torch.float32 else float(t.sum()) for t in tensors)
+            total += float(base.float().sum()) if base is not None else 0.0
+            if not math.isfinite(total):
+                self._warn_nonfinite(job, tensors, base)
         info = self.plan.method
         g = generator_for(self.seed, job.name, self.device) if info.random else None
         out = merge_tensor(info, tensors, base, job.params, self.per_model(job), generator=g, device=self.device)

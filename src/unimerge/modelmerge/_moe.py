@@ -199,16 +199,14 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
 
 
 def cycle_batches(task, n: int, batch_size: int, seed: int, device: torch.device | str) -> Iterator[Batch]:
-    """Endless unlabeled batches of ``task`` (``n`` examples per pass, a new seed each pass)."""
-    epoch = 0
+    """Endless unlabeled batches of ``task``: the same ``n`` examples (the data budget), pass after pass."""
     while True:
         empty = True
-        for batch in task.unlabeled(n, batch_size=batch_size, seed=seed + epoch):
+        for batch in task.unlabeled(n, batch_size=batch_size, seed=seed):
             empty = False
             yield to_device(batch, device)
         if empty:
             raise MergeError(f"task {task.name!r} yielded no unlabeled examples (budget {n})")
-        epoch += 1
 
 
 def frozen_heads(problem: MergeProblem) -> dict[str, nn.Module]:

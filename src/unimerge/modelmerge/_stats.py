@@ -45,6 +45,7 @@ __all__ = [
     "linear_modules",
     "load_state",
     "load_stats",
+    "save_sidecars",
     "save_stats",
     "sidecar_path",
     "varying_names",
@@ -87,6 +88,23 @@ def save_stats(
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=meta)
     return path
+
+
+def save_sidecars(
+    expert_dirs: Sequence[str | Path], stats: Sequence[Mapping[str, Tensor]], *, kind: str, examples: int
+) -> list[Path]:
+    """Save one statistics dict per expert next to it (at :func:`sidecar_path`), in the same order.
+
+    Example:
+        >>> fishers, used = compute_fishers(problem, FisherParams())
+        >>> save_sidecars(["experts/a", "experts/b"], fishers, kind="fisher", examples=used)
+    """
+    if len(expert_dirs) != len(stats):
+        raise ValueError(f"{len(expert_dirs)} expert folders but {len(stats)} statistics dicts")
+    return [
+        save_stats(sidecar_path(d, kind), s, kind=kind, examples=examples)
+        for d, s in zip(expert_dirs, stats, strict=True)
+    ]
 
 
 def load_stats(path: str | Path, kind: str | None = None) -> Stats:
@@ -176,7 +194,8 @@ def varying_names(experts: Sequence[Mapping[str, Tensor]]) -> list[str]:
 def average_state(
     experts: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | None = None
 ) -> dict[str, Tensor]:
-    """Weighted mean of every floating tensor (weights normalised to sum 1); others from expert 0."""
+    """Weighted mean of every floating tensor (weights normalised to sum 1; float32, float64 for
+    float64 inputs); integer tensors and tensors equal in every expert from expert 0."""
     n = len(experts)
     w = torch.tensor(weights if weights is not None else [1.0] * n, dtype=torch.float64)
     w = w / w.sum()
@@ -185,8 +204,9 @@ def average_state(
         if not v.is_floating_point() or all(sd[k] is v or torch.equal(sd[k], v) for sd in experts[1:]):
             out[k] = v.clone()
             continue
-        x = torch.stack([sd[k].to(torch.float64) for sd in experts])  # (n, *shape)
-        out[k] = torch.tensordot(w, x, dims=1).to(v.dtype)
+        cdtype = torch.float64 if v.dtype == torch.float64 else torch.float32
+        x = torch.stack([sd[k].to(cdtype) for sd in experts])  # (n, *shape)
+        out[k] = torch.tensordot(w.to(cdtype), x, dims=1).to(v.dtype)
     return out
 
 

@@ -33,6 +33,7 @@ from unimerge.methods._primitives import expand_like
 from unimerge.methods._registry import register_method
 from unimerge.modelmerge._problem import Batch, MergedModel, MergeProblem
 from unimerge.modelmerge._stats import (
+    average_state,
     check_experts,
     collect_fisher,
     count,
@@ -82,7 +83,7 @@ def fisher_merge(params: Tensor, fishers: Tensor, weights: Tensor | None = None,
     if params.shape != fishers.shape:
         raise ValueError(f"params {tuple(params.shape)} and fishers {tuple(fishers.shape)} differ in shape")
     w = torch.ones(params.shape[0]) if weights is None else weights
-    f = (fishers.to(params.dtype) + eps) * expand_like(w, params)  # (n, *shape)
+    f = (fishers.to(params) + eps) * expand_like(w, params)  # (n, *shape)
     return (f * params).sum(0) / f.sum(0)
 
 
@@ -101,22 +102,19 @@ def fisher_state_dict(
     weights: Sequence[float] | None = None,
     eps: float = 1e-6,
 ) -> dict[str, Tensor]:
-    """Fisher-merge whole state dicts; tensors without a Fisher get the weighted average.
+    """Fisher-merge whole state dicts (float32, float64 for float64 inputs).
 
-    Non-floating tensors (integer buffers) are taken from expert 0.
+    Tensors without a Fisher get the weighted average; tensors equal in every expert and integer
+    buffers are taken from expert 0.
     """
     w = torch.tensor(weights if weights is not None else [1.0] * len(experts), dtype=torch.float64)
-    out: dict[str, Tensor] = {}
-    for k, ref in experts[0].items():
-        if not ref.is_floating_point():
-            out[k] = ref.clone()
-            continue
-        x = torch.stack([sd[k].to(torch.float64) for sd in experts])  # (n, *shape)
-        if k in fishers[0]:
-            f = torch.stack([fi[k].to(torch.float64) for fi in fishers])  # (n, *shape)
-            out[k] = fisher_merge(x, f, w, eps).to(ref.dtype)
-        else:
-            out[k] = (torch.tensordot(w, x, dims=1) / w.sum()).to(ref.dtype)
+    out = average_state(experts, weights)
+    for k in fishers[0]:
+        ref = experts[0][k]
+        cdtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        x = torch.stack([sd[k].to(cdtype) for sd in experts])  # (n, *shape)
+        f = torch.stack([fi[k].to(cdtype) for fi in fishers])  # (n, *shape)
+        out[k] = fisher_merge(x, f, w.to(cdtype), eps).to(ref.dtype)
     return out
 
 

@@ -86,7 +86,7 @@ def regmean_merge(weights: Tensor, grams: Tensor, alpha: float = 1.0) -> Tensor:
             f"regmean_merge needs weights (n, out, in) and grams (n, in, in); got "
             f"{tuple(weights.shape)} and {tuple(grams.shape)}"
         )
-    g = scale_off_diagonal(grams.to(torch.float64), alpha)  # (n, in, in)
+    g = scale_off_diagonal(grams.to(device=weights.device, dtype=torch.float64), alpha)  # (n, in, in)
     w = weights.to(torch.float64)  # (n, out, in)
     mean = w.mean(0)  # (out, in)
     rhs = torch.einsum("noi,nij->oj", w - mean, g)  # (out, in): sum_i (W_i - mean) G_i

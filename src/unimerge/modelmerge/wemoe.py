@@ -10,7 +10,9 @@ is the paper's two-layer MLP (``d -> d -> n``, ReLU; bias of the output layer in
 block's first target linear), and its outputs are averaged over tokens, so each example gets one
 weight vector for the whole block. Every other tensor is merged by task arithmetic (``lambda``). The
 routers are trained at test time by minimising the entropy of every task head's predictions on
-unlabeled batches (Adam), the only parameters that move.
+unlabeled batches (Adam), the only parameters that move. As in the reference code, training mixes
+each (single-task) batch with its mean routing weights (one weight matrix per batch, cheap); after
+training every example gets its own mixture.
 
 Targets are grouped into blocks by the regular expression ``group`` (default: the name up to the
 first numeric component, ``encoder.layer.3``); a group's first target in module order is its entry
@@ -105,6 +107,7 @@ class WEMoELinear(nn.Module):
         self.tau_bias = nn.Parameter(torch.zeros(n, out_features), requires_grad=False) if bias else None
         self.router = _make_router(in_features, n, init_lambda) if entry else None
         self.route = _Route()
+        self.batch_reduce = False  # True: mix by the batch's mean routing weights (cheap; used in training)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -139,8 +142,15 @@ class WEMoELinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         w = self._weights(x)  # (b, n)
         dtype = x.dtype
-        weight = self.weight.to(dtype) + torch.einsum("bn,noi->boi", w.to(dtype), self.tau_weight.to(dtype))
-        out = torch.bmm(x.reshape(x.shape[0], -1, self.in_features), weight.transpose(1, 2))  # (b, m, out)
+        if self.batch_reduce:  # one weight for the whole batch (training, as the reference code)
+            wm = w.mean(0).to(dtype)  # (n,)
+            weight = self.weight.to(dtype) + torch.tensordot(wm, self.tau_weight.to(dtype), dims=1)
+            bias = None if self.bias is None else self.bias.to(dtype) + wm @ self.tau_bias.to(dtype)
+            return F.linear(x, weight, bias)
+        tau_t = self.tau_weight.to(dtype).transpose(1, 2).reshape(self.n, -1)  # (n, in * out)
+        delta_t = (w.to(dtype) @ tau_t).view(-1, self.in_features, self.out_features)  # (b, in, out)
+        xs = x.reshape(x.shape[0], -1, self.in_features)  # (b, m, in)
+        out = F.linear(xs, self.weight.to(dtype)) + torch.bmm(xs, delta_t.to(xs.dtype))  # (b, m, out)
         if self.bias is not None:
             out = out + (self.bias.to(dtype) + w.to(dtype) @ self.tau_bias.to(dtype)).unsqueeze(1)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -219,6 +229,9 @@ def train_routers(module: nn.Module, problem: MergeProblem, params: WEMoEParams)
     ]
     for p in routers:
         p.requires_grad_(True)
+    layers = [m for m in module.modules() if isinstance(m, WEMoELinear)]
+    for m in layers:
+        m.batch_reduce = True  # training batches come from one task: one mixture per batch
     heads = frozen_heads(problem)
     optim = torch.optim.Adam(routers, lr=params.lr)
     streams = [
@@ -238,6 +251,8 @@ def train_routers(module: nn.Module, problem: MergeProblem, params: WEMoEParams)
         losses.append(total / len(streams))
     for p in routers:
         p.requires_grad_(False)
+    for m in layers:
+        m.batch_reduce = False  # inference: every example gets its own mixture
     return losses
 
 
