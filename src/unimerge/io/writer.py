@@ -45,6 +45,8 @@ MODEL_FILES = (
     "vocab.txt",
     "vocab.json",
     "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 
 
