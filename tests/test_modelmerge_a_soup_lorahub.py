@@ -57,7 +57,7 @@ def test_lorahub_beats_uniform_weights_on_full_fine_tunes() -> None:
     hs = heads(1)
     task = FakeTask("t0", 6, 0, teacher_of(base, e0, hs["t0"]))  # labels from expert 0: optimum w = (1, 0)
     p = problem(base, [e0, e1], [task], hs, budget=48)
-    params = LoraHubParams(evaluations=40, reg=0.0, bf16=False)
+    params = LoraHubParams(evaluations=40, reg=0.0, examples=48, bf16=False)
     res = lorahub_search(p, params)
     uniform = lorahub_search(p, params.model_copy(update={"evaluations": 1, "init": 0.5}))  # w = (0.5, 0.5)
     assert res.score < uniform.score and res.weights[0] > res.weights[1]
@@ -89,7 +89,7 @@ def test_lorahub_composes_lora_adapters() -> None:
     hs = {"t0": nn.Linear(8, 3)}
     task = FakeTask("t0", 6, 0, teacher_of(base, adapters[2], hs["t0"]))
     p = problem(base, adapters, [task], hs, budget=48)
-    res = lorahub_search(p, LoraHubParams(evaluations=30, bf16=False))
+    res = lorahub_search(p, LoraHubParams(evaluations=30, examples=48, bf16=False))
     w = res.weights
     torch.testing.assert_close(
         res.state["lora_A"], sum(wi * a["lora_A"] for wi, a in zip(w, adapters, strict=True))

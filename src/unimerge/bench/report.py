@@ -132,6 +132,7 @@ def _sweeps(results: Mapping[str, Any]) -> str | None:
 def _scaling(results: Mapping[str, Any]) -> str | None:
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     scaling = results.get("scaling")
     if not scaling:
@@ -148,6 +149,7 @@ def _scaling(results: Mapping[str, Any]) -> str | None:
             capsize=3,
             label=method,
         )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("number of merged tasks")
     ax.set_ylabel("normalized accuracy (%)")
     ax.set_title("Task scaling (mean ± std over random task subsets, test)")

@@ -110,7 +110,7 @@ SUITES: dict[str, Suite] = {
             steps=100,
             mtl_steps=200,
             batch_size=16,
-            default_methods=("linear", "task_arithmetic", "ties", "tsv"),
+            default_methods=("linear", "task_arithmetic", "ties"),
             description="4 tasks, short budgets; core methods by default (all of them would break the "
             "1-minute cached target)",
         ),

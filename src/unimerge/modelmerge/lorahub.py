@@ -9,8 +9,9 @@ Huang et al. 2023, "LoraHub: Efficient Cross-Task Generalization via Dynamic LoR
 composition when the experts are LoRA adapters whose base adapter tensors are zero, and task
 arithmetic for full fine-tunes); its per-model ``weight`` is the searched variable. The optimizer is
 CMA-ES (``cma`` package, an optional dependency) with the same bounds, start and budget; the
-objective is the mean over tasks of each task head's cross-entropy on ``problem.budget`` labelled
-training examples. The best weights evaluated are used.
+objective is the mean over tasks of each task head's cross-entropy on ``min(examples,
+problem.budget)`` labelled training examples (LoraHub uses 5 per task; default 32). The best weights
+evaluated are used.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class LoraHubParams(BaseModel):
     upper: float = Field(default=1.5, ge=-100.0, le=100.0, description="Upper bound of each weight.")
     init: float = Field(default=0.0, ge=-100.0, le=100.0, description="Starting weight of every model.")
     sigma: float = Field(default=0.5, gt=0.0, le=100.0, description="CMA-ES initial step size.")
+    examples: int = Field(default=32, ge=1, le=100_000, description="Labelled examples per task (<= budget).")
     batch_size: int = Field(default=32, ge=1, le=1024, description="Examples per forward pass.")
     bf16: bool = Field(default=True, description="bf16 autocast for forward passes.")
 
@@ -144,13 +146,23 @@ def task_loss(problem: MergeProblem, module: nn.Module, data: Sequence[Sequence[
 
 
 def _composer(problem: MergeProblem, params: LoraHubParams) -> Callable[[Sequence[float]], dict[str, Tensor]]:
+    """``weights -> merged state dict``. For per-tensor methods on task vectors, tensors that every
+    expert leaves at the base value (zero task vectors) are not re-merged each evaluation."""
     base = problem.base.state_dict()
+    info = get_method(params.method)
     extra: Mapping[str, Any] = params.method_params
+    keep = list(base)
+    if info.inputs == "deltas" and info.scope == "tensor":
+        keep = [k for k in base if any(not torch.equal(sd[k], base[k]) for sd in problem.experts)]
+    experts = [{k: sd[k] for k in keep} for sd in problem.experts]
+    sub_base = {k: base[k] for k in keep}
 
     def compose(w: Sequence[float]) -> dict[str, Tensor]:
-        return merge_state_dicts(
-            params.method, problem.experts, base, seed=problem.seed, weight=[float(v) for v in w], **extra
+        weights = [float(v) for v in w]
+        merged = merge_state_dicts(
+            params.method, experts, sub_base, seed=problem.seed, weight=weights, **extra
         )
+        return {**base, **merged}
 
     return compose
 
@@ -159,7 +171,10 @@ def lorahub_search(problem: MergeProblem, params: LoraHubParams) -> SearchResult
     """Search per-model weights (see the module docstring); returns the best merge found."""
     check_experts(problem, paired=False)
     module = work_module(problem)
-    data = [draw(problem, t, labeled=True, batch_size=params.batch_size) for t in range(len(problem.tasks))]
+    n = min(params.examples, problem.budget)
+    data = [
+        draw(problem, t, labeled=True, batch_size=params.batch_size, n=n) for t in range(len(problem.tasks))
+    ]
     compose = _composer(problem, params)
     compose([params.init] * len(problem.experts))  # bad method_params fail here, before the search
 
