@@ -1,0 +1,120 @@
+"""Benchmark rows for data-aware methods (``data != "none"``): the one interface is MergeProblem.
+
+A suite hands a data-aware method a :class:`~unimerge.modelmerge.MergeProblem` built from its cached
+pieces: the pretrained encoder, the experts' encoder tensors, each task's :class:`TaskData` (the
+method draws ``unlabeled``/``labeled`` batches from the *train* split only), each task's head and the
+benchmark's pooling as ``features``. The method runs at its registered defaults (its grid is not
+searched: a data-aware merge costs minutes, not seconds) with a budget of
+:data:`BUDGET` examples per task; the row records that budget, whether labels were used, the merge
+time, and the parameter count of what must be stored (for MoE-style results).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from unimerge.bench.model import EVAL_BATCH, pool
+from unimerge.bench.tasks import Batch, Split, TaskData, batches
+from unimerge.core import validate_params
+from unimerge.methods import MethodInfo
+from unimerge.modelmerge import MergedModel, MergeProblem
+
+__all__ = ["BUDGET", "make_problem", "run_data_method"]
+
+BUDGET = 64  # examples per task a data-aware method may draw (the papers use tens to hundreds)
+
+
+def _head(weights: Mapping[str, Tensor]) -> nn.Linear:
+    k, d = weights["weight"].shape
+    head = nn.Linear(d, k)
+    head.load_state_dict({"weight": weights["weight"].float(), "bias": weights["bias"].float()})
+    return head.eval().requires_grad_(False)
+
+
+def _features(module: nn.Module, batch: Batch) -> Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return pool(module, batch).float()
+
+
+def make_problem(base: nn.Module, states: Sequence[Mapping[str, Tensor]], tasks: Sequence[TaskData],
+                 heads: Mapping[str, Mapping[str, Tensor]], *, budget: int = BUDGET, seed: int = 0) -> MergeProblem:
+    """A MergeProblem over the benchmark's pieces (``base`` is copied, never modified)."""
+    return MergeProblem(
+        base=copy.deepcopy(base).eval(),
+        experts=list(states),
+        tasks=list(tasks),
+        heads={t.name: _head(heads[t.name]) for t in tasks},
+        features=_features,
+        budget=budget,
+        seed=seed,
+    )
+
+
+@torch.inference_mode()
+def _accuracy(problem: MergeProblem, module: nn.Module, i: int, split: Split) -> float:
+    correct = 0
+    for idx, batch in batches(split, EVAL_BATCH):
+        logits = problem.logits(module, i, {k: v for k, v in batch.items() if k != "labels"})
+        correct += int((logits.argmax(-1) == split.labels[idx]).sum())
+    return correct / len(split)
+
+
+def evaluate_merged(problem: MergeProblem, merged: MergedModel, split: str) -> dict[str, float]:
+    """Task name -> accuracy of the module the merge gives for that task, on ``split``."""
+    out = {}
+    for i, task in enumerate(problem.tasks):
+        module = merged.for_task(task.name).eval()
+        out[task.name] = _accuracy(problem, module, i, getattr(task, split))
+    return out
+
+
+def run_data_method(info: MethodInfo, problem: MergeProblem) -> dict[str, Any]:
+    """Run one data-aware method at its defaults; returns validation and test accuracies and costs."""
+    params, _ = validate_params(info, {}, [])
+    start = time.perf_counter()
+    merged: MergedModel = info.fn(problem, params)  # type: ignore[call-arg, arg-type]
+    seconds = time.perf_counter() - start
+    dense = sum(p.numel() for p in problem.base.parameters())
+    return {
+        "val": evaluate_merged(problem, merged, "val"),
+        "test": evaluate_merged(problem, merged, "test"),
+        "seconds": round(seconds, 3),
+        "params": params.model_dump(by_alias=True),
+        "data_budget": {"examples_per_task": merged.examples_used, "labeled": merged.labeled},
+        "params_total": merged.params_total or dense,
+        "params_dense": dense,
+    }
+
+
+def data_row(prep: Any, info: MethodInfo) -> dict[str, Any]:
+    """A benchmark row (or ``{"method", "reason"}``) for data-aware ``info`` on a prepared suite.
+
+    Args:
+        prep: the runner's ``Prepared`` (pretrained encoder, expert tensors, tasks, heads).
+        info: a method with ``data != "none"``.
+    """
+    from unimerge.bench.model import load_encoder
+    from unimerge.bench.runner import summarize
+    from unimerge.errors import UnimergeError
+
+    problem = make_problem(load_encoder(prep.pretrained), prep.states, prep.tasks, prep.heads, seed=prep.seed)
+    try:
+        out = run_data_method(info, problem)
+    except UnimergeError as err:
+        return {"method": info.name, "reason": str(err)}
+    row = summarize(info.name, out["test"], prep.individual)
+    return row | {
+        "params": out["params"],
+        "seconds": out["seconds"],
+        "val_avg": sum(out["val"].values()) / len(out["val"]),
+        "family": info.family,
+        "data_budget": out["data_budget"],
+        "params_total": out["params_total"],
+        "params_dense": out["params_dense"],
+    }
