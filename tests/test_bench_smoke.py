@@ -78,3 +78,19 @@ def test_unknown_suite_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(_app(), ["bench", "--suite", "nope", "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "Unknown benchmark suite 'nope'" in result.output and "text8" in result.output
+
+
+def test_data_aware_methods_get_rows_through_merge_problem(fresh_cache, tmp_path):
+    """Named data-aware methods run once at their defaults on the suite's train data, with budget."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(_app(), ["bench", "--suite", "smoke", "--out", str(out),
+                                         "--methods", "regmean,smile"])
+    assert result.exit_code == 0, result.output
+    res = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"regmean", "smile"}, res["skipped"]
+    assert rows["regmean"]["data_budget"] == {"examples_per_task": 64, "labeled": False}
+    assert rows["smile"]["data_budget"]["examples_per_task"] == 0
+    assert rows["smile"]["params_total"] > rows["smile"]["params_dense"]  # low-rank experts are extra
+    for row in rows.values():
+        assert 0.0 <= row["avg"] <= 1.0 and row["seconds"] > 0
