@@ -6,7 +6,7 @@ method gives the same numbers whichever way it is called.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from unimerge.errors import ConfigError, PlanError
 from unimerge.methods import MethodInfo, get_method
 from unimerge.methods._primitives import generator_for
 
-__all__ = ["merge_state_dicts", "merge_tensor", "stack_per_model", "validate_params"]
+__all__ = ["merge_state_dicts", "merge_tensor", "stack_inputs", "stack_per_model", "validate_params"]
 
 
 def _field_keys(model: type[BaseModel]) -> set[str]:
@@ -94,6 +94,20 @@ def merge_tensor(
     ref = base if base is not None else tensors[0]
     if not ref.is_floating_point():
         return ref.clone()
+    x, b = stack_inputs(info, tensors, base, device)
+    out = info.fn(x, params, per_model, base=b, generator=generator)
+    return out + b if info.inputs == "deltas" and b is not None else out
+
+
+def stack_inputs(
+    info: MethodInfo, tensors: Sequence[Tensor], base: Tensor | None, device: torch.device | str
+) -> tuple[Tensor, Tensor | None]:
+    """What ``info.fn`` receives for one tensor: ``(x (n, *shape), base)`` in the compute dtype.
+
+    Float32 (float64 for float64 inputs) on ``device``; ``x`` holds task vectors for
+    ``inputs="deltas"`` methods, the raw tensors otherwise.
+    """
+    ref = base if base is not None else tensors[0]
     cdtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
     x = torch.stack([t.to(device=device, dtype=cdtype) for t in tensors])  # (n, *shape)
     b = base.to(device=device, dtype=cdtype) if base is not None else None
@@ -101,8 +115,7 @@ def merge_tensor(
         if b is None:
             raise ConfigError(f"Method {info.name!r} needs a base model; set `base_model:` in the config.")
         x.sub_(b)  # x is a fresh stack: subtract in place (no second (n, *shape) buffer)
-    out = info.fn(x, params, per_model, base=b, generator=generator)
-    return out + b if info.inputs == "deltas" and b is not None else out
+    return x, b
 
 
 def _split_kwargs(info: MethodInfo, n: int, kwargs: Mapping[str, Any]) -> tuple[dict, list[dict]]:
@@ -147,16 +160,21 @@ def merge_state_dicts(
         raise ConfigError(f"Method {info.name!r} needs a base model: pass base=...")
     global_raw, per_model_raw = _split_kwargs(info, len(experts), params)
     p, models = validate_params(info, global_raw, per_model_raw)
-    if info.prepare is not None:
-        from unimerge.execute import merge_model_scope  # whole-model statistics, then per tensor
-
-        return merge_model_scope(info, experts, base, p, models, seed=seed, device=device)
     stacked = stack_per_model(models, device)
     names = list(experts[0])
     for i, sd in enumerate(experts):
         if set(sd) != set(names):
             missing, extra = sorted(set(names) - set(sd)), sorted(set(sd) - set(names))
             raise PlanError(f"Expert {i} differs from expert 0: missing {missing[:5]}, extra {extra[:5]}.")
+    if info.prepare is not None:  # whole-model statistics first (e.g. TIES trim_scope: global)
+
+        def deltas() -> Iterator[tuple[str, Tensor]]:
+            for n in names:
+                if experts[0][n].is_floating_point():
+                    b = None if base is None else base[n]
+                    yield n, stack_inputs(info, [sd[n] for sd in experts], b, device)[0]
+
+        stacked = {**stacked, **info.prepare(p, stacked, deltas)}
     out: dict[str, Tensor] = {}
     for name in names:
         ref = base[name] if base is not None else experts[0][name]

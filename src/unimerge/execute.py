@@ -9,6 +9,7 @@ streams the inputs again, before the merge pass.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -20,20 +21,18 @@ from typing import Any
 
 import torch
 import yaml
-from pydantic import BaseModel
 from torch import Tensor
 
 from unimerge.config import MergeConfig, load_config, parse_config
-from unimerge.core import merge_tensor, stack_per_model
+from unimerge.core import merge_tensor, stack_inputs, stack_per_model
 from unimerge.errors import ConfigError, MergeError
 from unimerge.io.checkpoint import sha256_file
-from unimerge.io.writer import OutTensor, ShardedWriter, copy_model_files
-from unimerge.methods import MethodInfo
+from unimerge.io.writer import TOKENIZER_FILES, OutTensor, ShardedWriter, copy_model_files
 from unimerge.methods._primitives import generator_for
 from unimerge.modelcard import model_card
 from unimerge.plan import MergePlan, TensorJob, make_plan
 
-__all__ = ["MergeResult", "RunOptions", "merge_model_scope", "plan_config", "run_merge", "run_plan"]
+__all__ = ["MergeResult", "RunOptions", "plan_config", "run_merge", "run_plan"]
 
 log = logging.getLogger("unimerge")
 Progress = Callable[[int, int], None]
@@ -117,8 +116,7 @@ class _Runner:
     def merge(self, job: TensorJob) -> Tensor:
         tensors, base = self.inputs(job)
         if tensors[0].is_floating_point():  # one cheap pass; a full scan only to name a bad input
-            total = sum(float(t.float().sum()) if t.dtype != torch.float32 else float(t.sum()) for t in tensors)
-            total += float(base.float().sum()) if base is not None else 0.0
+            total = sum(float(t.sum(dtype=torch.float64)) for t in [*tensors, *([base] if base is not None else [])])
             if not math.isfinite(total):
                 self._warn_nonfinite(job, tensors, base)
         info = self.plan.method
@@ -133,12 +131,8 @@ class _Runner:
         """Every job's stacked input as the method's ``fn`` sees it (statistics pass)."""
         for job in self.plan.jobs:
             tensors, base = self.inputs(job)
-            if not tensors[0].is_floating_point():
-                continue
-            x = torch.stack([t.to(self.device, torch.float32) for t in tensors])
-            if self.plan.method.inputs == "deltas" and base is not None:
-                x = x - base.to(self.device, torch.float32)
-            yield job.name, x
+            if tensors[0].is_floating_point():
+                yield job.name, stack_inputs(self.plan.method, tensors, base, self.device)[0]
 
 
 def _run_pool(jobs: Sequence[TensorJob], fn: Callable[[TensorJob], None], threads: int,
@@ -175,11 +169,8 @@ def _hash_inputs(plan: MergePlan, pool: ThreadPoolExecutor) -> dict[str, Future[
 def _write_metadata(plan: MergePlan, writer: ShardedWriter, hashes: Mapping[str, str]) -> None:
     copied = copy_model_files(plan.meta_root, writer)
     if plan.tokenizer_root != plan.meta_root:
-        for name in copy_model_files(plan.tokenizer_root, _TokenizerOnly(writer)):
-            copied.append(name)
+        copy_model_files(plan.tokenizer_root, writer, TOKENIZER_FILES)
     if "config.json" in copied and (plan.num_layers_out or plan.config.out_dtype or plan.config.dtype):
-        import json
-
         cfg = json.loads((plan.meta_root / "config.json").read_text(encoding="utf-8"))
         if plan.num_layers_out:
             cfg["num_hidden_layers"] = plan.num_layers_out
@@ -190,17 +181,6 @@ def _write_metadata(plan: MergePlan, writer: ShardedWriter, hashes: Mapping[str,
     dump["merge_method"] = plan.config.merge_method
     writer.write_text("unimerge_config.yaml", yaml.safe_dump(dump, sort_keys=False))
     writer.write_text("README.md", model_card(plan, hashes))
-
-
-class _TokenizerOnly:
-    """Lets ``copy_model_files`` copy tokenizer files from a second folder, never its config."""
-
-    def __init__(self, writer: ShardedWriter) -> None:
-        self._w = writer
-
-    def copy_file(self, src: Path, relpath: str | None = None) -> None:
-        if src.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens")):
-            self._w.copy_file(src, relpath)
 
 
 def run_plan(plan: MergePlan, out_dir: str | Path, options: RunOptions = RunOptions(),
@@ -240,29 +220,3 @@ def run_merge(config: MergeConfig | str | Path | Mapping[str, Any], out_dir: str
     """
     plan = plan_config(config, out_dir, allow_pickle=options.allow_pickle)
     return run_plan(plan, out_dir, options, progress)
-
-
-def merge_model_scope(info: MethodInfo, experts: Sequence[Mapping[str, Tensor]], base: Mapping[str, Tensor] | None,
-                      params: BaseModel, models: Sequence[BaseModel], *, seed: int,
-                      device: torch.device | str) -> dict[str, Tensor]:
-    """In-memory counterpart of the two-pass engine for ``scope="model"`` methods."""
-    stacked = stack_per_model(models, device)
-    names = [n for n in experts[0] if experts[0][n].is_floating_point()]
-
-    def deltas() -> Iterator[tuple[str, Tensor]]:
-        for n in names:
-            x = torch.stack([sd[n].to(device, torch.float32) for sd in experts])
-            if info.inputs == "deltas" and base is not None:
-                x = x - base[n].to(device, torch.float32)
-            yield n, x
-
-    extra = info.prepare(params, stacked, deltas) if info.prepare is not None else {}
-    per_model = {**stacked, **extra}
-    out = {}
-    for n in experts[0]:
-        ref = base[n] if base is not None else experts[0][n]
-        g = generator_for(seed, n, device) if info.random else None
-        b = None if base is None else base[n]
-        merged = merge_tensor(info, [sd[n] for sd in experts], b, params, per_model, generator=g, device=device)
-        out[n] = merged.to(dtype=ref.dtype, device="cpu")
-    return out

@@ -7,8 +7,6 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from unimerge import __name__ as _pkg
-
 if TYPE_CHECKING:
     from unimerge.plan import MergePlan
 
@@ -27,7 +25,7 @@ def model_card(plan: MergePlan, hashes: Mapping[str, str]) -> str:
         "---",
         f"# {cfg.name or 'Merged model'}",
         "",
-        f"Merged with [{_pkg}](https://pypi.org/project/unimerge/) using **{info.name}** "
+        f"Merged with [unimerge](https://pypi.org/project/unimerge/) using **{info.name}** "
         f"({info.family}; paper: {info.paper}).",
         f"{len(plan.jobs)} tensors, {n_params:,} parameters.",
         "",

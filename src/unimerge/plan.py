@@ -194,10 +194,9 @@ def _check_output(out_dir: Path, cks: Sequence[Checkpoint]) -> None:
 class _Params:
     """Resolve + validate parameters per tensor, caching by resolved values."""
 
-    def __init__(self, config: MergeConfig, specs: Sequence[ModelSpec]) -> None:
+    def __init__(self, config: MergeConfig) -> None:
         self.info = config.method
         self.config = config
-        self.specs = specs
         self._cache: dict[str, tuple[BaseModel, tuple[BaseModel, ...]]] = {}
 
     def __call__(self, name: str, t: float, specs: Sequence[ModelSpec]) -> tuple[BaseModel, tuple[BaseModel, ...]]:
@@ -260,7 +259,7 @@ def _model_jobs(config: MergeConfig, cks: list[Checkpoint], index: dict[str, int
     ref_idx = base if base is not None else index[specs[0].model]
     _check_names([cks[i].ref for i in used], [metas[i] for i in used], used.index(ref_idx))
     n_layers = 1 + max((layer_index(n) or 0 for n in metas[ref_idx]), default=0)
-    resolve = _Params(config, specs)
+    resolve = _Params(config)
     _check_shapes([(name, [(cks[i].ref, metas[i][name]) for i in used]) for name in metas[ref_idx]])
     jobs = []
     for name, meta in metas[ref_idx].items():
@@ -279,7 +278,7 @@ def _slice_jobs(
     info = config.method
     slices = config.slices or []
     jobs: list[TensorJob] = []
-    resolve = _Params(config, [])
+    resolve = _Params(config)
     offset = 0
     for k, sl in enumerate(slices):
         specs = _merged_models(info, sl.sources, config.base_model)

@@ -30,7 +30,7 @@ import torch
 from unimerge.errors import MergeError
 from unimerge.io.checkpoint import SAFETENSORS_DTYPES
 
-__all__ = ["MODEL_FILES", "OutTensor", "ShardedWriter", "copy_model_files", "parse_size"]
+__all__ = ["MODEL_FILES", "TOKENIZER_FILES", "OutTensor", "ShardedWriter", "copy_model_files", "parse_size"]
 
 _DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
@@ -47,6 +47,9 @@ MODEL_FILES = (
     "merges.txt",
     "chat_template.jinja",
     "chat_template.json",
+)
+TOKENIZER_FILES = tuple(
+    n for n in MODEL_FILES if n.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens"))
 )
 
 
@@ -390,10 +393,11 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def copy_model_files(src_root: Path, writer: ShardedWriter) -> list[str]:
-    """Copy config, generation config and tokenizer files present in ``src_root``; returns their names."""
+def copy_model_files(src_root: Path, writer: ShardedWriter, names: Sequence[str] = MODEL_FILES) -> list[str]:
+    """Copy those of ``names`` (default: config, generation config, tokenizer and chat template files)
+    present in ``src_root``; returns the names copied."""
     copied = []
-    for name in MODEL_FILES:
+    for name in names:
         src = Path(src_root) / name
         if src.is_file():
             writer.copy_file(src, name)
