@@ -44,6 +44,8 @@ METHODS = ("linear", "ties", "dare_ties", "slerp")
 TARGETS = {"linear": 1.5, "ties": 2.5}  # max ratio to the floor
 MIN_SPEEDUP = 3.0  # vs mergekit
 SHARD_BYTES = 1_000_000_000  # input and output shard size (same for unimerge and mergekit)
+# Every child (floor, unimerge, mergekit) gets PyTorch's huge-page allocator, as the `unimerge` CLI sets it.
+CHILD_ENV = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1"}
 VOCAB = 32000
 
 
@@ -303,7 +305,7 @@ def measure(label: str, cmd: list[str]) -> Run:
     """Run ``cmd`` in a fresh process: wall time, its own peak RSS (``wait4``) and its peak RssAnon."""
     with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe)
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=CHILD_ENV)
         stop, peak = threading.Event(), [0]
         poller = threading.Thread(target=_poll_anon, args=(proc.pid, stop, peak), daemon=True)
         poller.start()

@@ -171,3 +171,32 @@ def test_model_card_names_inputs_and_hashes(models, tmp_path) -> None:
     for f in sorted(models["e2"].glob("*.safetensors")):
         assert sha256_file(f) in card
     assert (tmp_path / "o" / "tokenizer.json").is_file() or not (models["base"] / "tokenizer.json").is_file()
+
+
+def test_jobs_in_flight_stay_within_the_byte_budget(models, tmp_path) -> None:
+    import threading
+    import time
+
+    from unimerge.execute import _run_pool, job_bytes
+
+    jobs = plan_config(_cfg("linear", models, names=("e1", "e2", "e3")), tmp_path / "out").jobs
+    budget = 2 * max(map(job_bytes, jobs))  # room for two of the largest jobs, more small ones
+    lock, live, peak = threading.Lock(), [0, 0], [0, 0]  # bytes and jobs in flight
+
+    def fn(job) -> None:
+        with lock:
+            live[0] += job_bytes(job)
+            live[1] += 1
+            peak[0], peak[1] = max(peak[0], live[0]), max(peak[1], live[1])
+        time.sleep(0.002)
+        with lock:
+            live[0] -= job_bytes(job)
+            live[1] -= 1
+
+    done = []
+    _run_pool(jobs, fn, threads=4, progress=lambda i, n: done.append(i), budget=budget)
+    assert done[-1] == len(jobs)
+    assert peak[0] <= budget and 1 < peak[1] <= 8
+    peak[:] = [0, 0]
+    _run_pool(jobs, fn, threads=4, progress=None, budget=1)  # every job over budget: one at a time
+    assert peak[1] == 1

@@ -248,3 +248,28 @@ def test_pickle_with_code_is_refused(tmp_path: Path) -> None:
     torch.save({"w": torch.ones(1), "obj": Path("x")}, file)
     with pytest.raises(CheckpointError, match="weights_only"):
         open_checkpoint(file, allow_pickle=True)
+
+
+def test_read_into_a_stacked_buffer_converts_dtypes(tmp_path: Path) -> None:
+    file = tmp_path / "w.safetensors"
+    save_file(MIXED, str(file))
+    ckpt = open_checkpoint(file)
+    stack = torch.full((3, 2, 3), -1.0)
+    ckpt.read_into("f32", stack[1])  # straight into the buffer
+    assert torch.equal(stack[1], MIXED["f32"]) and torch.equal(stack[0], torch.full((2, 3), -1.0))
+    wide = torch.empty(3, dtype=torch.float64)
+    ckpt.read_into("bf16", wide)  # converted on the way
+    assert torch.equal(wide, MIXED["bf16"].double())
+    ckpt.close()
+    with pytest.raises(CheckpointError, match="closed"):
+        ckpt.read("f32")
+
+
+def test_file_truncated_after_planning_names_tensor(tmp_path: Path) -> None:
+    file = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(4), "b": torch.arange(1000.0)}, str(file))
+    ckpt = open_checkpoint(file)  # header checked while the file was whole
+    with file.open("r+b") as fh:
+        fh.truncate(file.stat().st_size - 100)
+    with pytest.raises(CheckpointError, match=r"(?i)'b'.*ended 100 bytes early.*re-download"):
+        ckpt.read("b")

@@ -228,3 +228,15 @@ def test_variance_over_models():
     torch.testing.assert_close(variance_over_models(x), torch.tensor([1.0, 4.0, 0.25]))
     y = torch.randn(4, 30, 7, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(variance_over_models(y), y.var(dim=0, unbiased=False))
+
+
+def test_consensus_sum_tie_elects_plus_and_zeros_never_agree():
+    x = torch.tensor([[1.0, 2.0, 0.0], [-1.0, -3.0, 0.0]])  # entry 0 sums to 0: + is elected
+    num, den = consensus_sums(x, torch.tensor([2.0, 1.0]))
+    assert num.tolist() == [1.0, -3.0, 0.0]
+    assert den.tolist() == [2.0, 1.0, 0.0]
+
+
+def test_weighted_sum_hand_case():
+    x = torch.tensor([[1.0, 2.0], [3.0, -4.0], [0.5, 0.0]])
+    assert weighted_sum(x, torch.tensor([2.0, -1.0, 4.0])).tolist() == [1.0, 8.0]

@@ -17,7 +17,16 @@ from unimerge.errors import ConfigError, PlanError
 from unimerge.methods import MethodInfo, get_method
 from unimerge.methods._primitives import generator_for
 
-__all__ = ["merge_state_dicts", "merge_tensor", "stack_inputs", "stack_per_model", "validate_params"]
+__all__ = [
+    "compute_dtype",
+    "merge_stacked",
+    "merge_state_dicts",
+    "merge_tensor",
+    "stack_buffer",
+    "stack_inputs",
+    "stack_per_model",
+    "validate_params",
+]
 
 
 def _field_keys(model: type[BaseModel]) -> set[str]:
@@ -94,9 +103,55 @@ def merge_tensor(
     ref = base if base is not None else tensors[0]
     if not ref.is_floating_point():
         return ref.clone()
-    x, b = stack_inputs(info, tensors, base, device)
+    return merge_stacked(info, _stack(tensors, ref, device), base, params, per_model, generator=generator)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype methods compute in for inputs stored as ``dtype``: float64 stays, the rest float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def stack_buffer(n: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """An uninitialised ``(n, *shape)`` buffer in the compute dtype for inputs stored as ``dtype``."""
+    return torch.empty((n, *shape), dtype=compute_dtype(dtype), device=device)
+
+
+def to_method_input(info: MethodInfo, x: Tensor, base: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``(x, base)`` as ``info.fn`` receives them: ``x`` (the caller's stacked inputs, turned into task
+    vectors in place for ``inputs="deltas"`` methods) and the base in ``x``'s dtype and device."""
+    b = base.to(device=x.device, dtype=x.dtype) if base is not None else None
+    if info.inputs == "deltas":
+        if b is None:
+            raise ConfigError(f"Method {info.name!r} needs a base model; set `base_model:` in the config.")
+        x.sub_(b)
+    return x, b
+
+
+def merge_stacked(
+    info: MethodInfo,
+    x: Tensor,
+    base: Tensor | None,
+    params: BaseModel,
+    per_model: Mapping[str, Tensor],
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Merge one tensor from its stacked inputs ``x`` ``(n, *shape)`` in the compute dtype.
+
+    ``x`` is consumed: it becomes the task vectors and the method may overwrite it, so a merge needs
+    no second ``(n, *shape)`` buffer. Returns the merged tensor in ``x``'s dtype.
+    """
+    x, b = to_method_input(info, x, base)
     out = info.fn(x, params, per_model, base=b, generator=generator)
-    return out + b if info.inputs == "deltas" and b is not None else out
+    if info.inputs != "deltas" or b is None:
+        return out
+    if _shares_memory(out, x) or _shares_memory(out, b):
+        return out + b
+    return out.add_(b)
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def stack_inputs(
@@ -104,18 +159,17 @@ def stack_inputs(
 ) -> tuple[Tensor, Tensor | None]:
     """What ``info.fn`` receives for one tensor: ``(x (n, *shape), base)`` in the compute dtype.
 
-    Float32 (float64 for float64 inputs) on ``device``; ``x`` holds task vectors for
-    ``inputs="deltas"`` methods, the raw tensors otherwise.
+    Float32 (float64 for float64 inputs) on ``device``; ``x`` is a fresh buffer holding task vectors
+    for ``inputs="deltas"`` methods, the raw tensors otherwise.
     """
-    ref = base if base is not None else tensors[0]
-    cdtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
-    x = torch.stack([t.to(device=device, dtype=cdtype) for t in tensors])  # (n, *shape)
-    b = base.to(device=device, dtype=cdtype) if base is not None else None
-    if info.inputs == "deltas":
-        if b is None:
-            raise ConfigError(f"Method {info.name!r} needs a base model; set `base_model:` in the config.")
-        x.sub_(b)  # x is a fresh stack: subtract in place (no second (n, *shape) buffer)
-    return x, b
+    return to_method_input(info, _stack(tensors, base if base is not None else tensors[0], device), base)
+
+
+def _stack(tensors: Sequence[Tensor], ref: Tensor, device: torch.device | str) -> Tensor:
+    x = stack_buffer(len(tensors), tuple(ref.shape), ref.dtype, device)
+    for i, t in enumerate(tensors):
+        x[i].copy_(t)
+    return x
 
 
 def _split_kwargs(info: MethodInfo, n: int, kwargs: Mapping[str, Any]) -> tuple[dict, list[dict]]:

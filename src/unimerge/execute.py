@@ -1,7 +1,9 @@
 """Running a plan: stream jobs through a thread pool into a sharded, atomic writer.
 
-Memory is bounded by the tensors in flight (``2 * threads`` jobs), never by model size: each job
-reads its inputs, merges, casts and writes its bytes at their planned offset. Random methods get a
+Memory is bounded by the tensors in flight, never by model size: at most ``2 * threads`` jobs, and
+no more of them than fit a byte budget (by default the largest job's working set, so the largest
+tensor is merged alone). Each job reads its inputs straight into one stacked buffer, merges (the
+method may overwrite that buffer), casts and writes its bytes at their planned offset. Random methods get a
 generator seeded from ``(seed, tensor name)``, so output does not depend on the thread count.
 Methods with ``scope="model"`` first run their statistics pass (``MethodInfo.prepare``), which
 streams the inputs again, before the merge pass.
@@ -24,7 +26,7 @@ import yaml
 from torch import Tensor
 
 from unimerge.config import MergeConfig, load_config, parse_config
-from unimerge.core import merge_tensor, stack_inputs, stack_per_model
+from unimerge.core import merge_stacked, stack_buffer, stack_per_model, to_method_input
 from unimerge.errors import ConfigError, MergeError
 from unimerge.io.checkpoint import sha256_file
 from unimerge.io.writer import TOKENIZER_FILES, OutTensor, ShardedWriter, copy_model_files
@@ -36,6 +38,7 @@ __all__ = ["MergeResult", "RunOptions", "plan_config", "run_merge", "run_plan"]
 
 log = logging.getLogger("unimerge")
 Progress = Callable[[int, int], None]
+_MIN_BUDGET = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class RunOptions:
     force: bool = False
     seed: int | None = None  # overrides the config's seed
     allow_pickle: bool = False
+    memory_budget: int | None = None  # bytes of jobs in flight; default: the largest job's, >= 512 MB
 
 
 @dataclass
@@ -98,30 +102,42 @@ class _Runner:
             self._stacked[key] = stack_per_model(job.per_model, self.device)
         return {**self._stacked[key], **self.extra}
 
-    def _warn_nonfinite(self, job: TensorJob, tensors: Sequence[Tensor], base: Tensor | None) -> None:
+    def _warn_nonfinite(self, job: TensorJob, x: Tensor, base: Tensor | None) -> None:
         """Name every input of ``job`` holding NaN/Inf (called only when a cheap check failed)."""
         srcs = [*job.sources, *([job.base] if job.base is not None else [])]
-        for src, t in zip(srcs, [*tensors, *([base] if base is not None else [])], strict=True):
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        for src, t in zip(srcs, [*x, *([base] if base is not None else [])], strict=True):
+            if not bool(torch.isfinite(t).all()):
                 msg = f"{self.plan.checkpoints[src.model].ref}: tensor {src.name!r} contains NaN or Inf values"
                 self.warnings.append(msg)
                 log.warning(msg)
 
-    def inputs(self, job: TensorJob) -> tuple[list[Tensor], Tensor | None]:
+    def inputs(self, job: TensorJob) -> tuple[Tensor | None, Tensor | None]:
+        """``(x, base)``: the sources read straight into one ``(n, *shape)`` compute-dtype buffer on
+        the device (``None`` for a non-float tensor) and the base as stored (or ``None``)."""
         read = self.plan.checkpoints
-        tensors = [read[s.model].read(s.name) for s in job.sources]
         base = read[job.base.model].read(job.base.name) if job.base is not None else None
-        return tensors, base
+        first = job.sources[0]
+        dtype = base.dtype if base is not None else read[first.model].tensors()[first.name].dtype
+        if not dtype.is_floating_point:
+            return None, base if base is not None else read[first.model].read(first.name)
+        x = stack_buffer(len(job.sources), job.shape, dtype, "cpu")
+        for i, src in enumerate(job.sources):
+            read[src.model].read_into(src.name, x[i])
+        # One cheap pass in the buffer's dtype (a float64 sum would convert the whole buffer first);
+        # NaN/Inf make it non-finite, and only then (or on an overflow) a full scan names the input.
+        total = float(x.sum()) + (float(base.sum()) if base is not None else 0.0)
+        if not math.isfinite(total):
+            self._warn_nonfinite(job, x, base)
+        return x.to(self.device), base
 
     def merge(self, job: TensorJob) -> Tensor:
-        tensors, base = self.inputs(job)
-        if tensors[0].is_floating_point():  # one cheap pass; a full scan only to name a bad input
-            total = sum(float(t.sum(dtype=torch.float64)) for t in [*tensors, *([base] if base is not None else [])])
-            if not math.isfinite(total):
-                self._warn_nonfinite(job, tensors, base)
+        x, base = self.inputs(job)
+        if x is None:  # integer buffers pass through from the base (or first model)
+            assert base is not None
+            return base.to(job.dtype)
         info = self.plan.method
         g = generator_for(self.seed, job.name, self.device) if info.random else None
-        out = merge_tensor(info, tensors, base, job.params, self.per_model(job), generator=g, device=self.device)
+        out = merge_stacked(info, x, base, job.params, self.per_model(job), generator=g)
         if tuple(out.shape) != job.shape:
             raise MergeError(f"Method {info.name!r} returned shape {list(out.shape)} for tensor {job.name!r}, "
                              f"expected {list(job.shape)}.")
@@ -130,32 +146,43 @@ class _Runner:
     def deltas(self) -> Iterator[tuple[str, Tensor]]:
         """Every job's stacked input as the method's ``fn`` sees it (statistics pass)."""
         for job in self.plan.jobs:
-            tensors, base = self.inputs(job)
-            if tensors[0].is_floating_point():
-                yield job.name, stack_inputs(self.plan.method, tensors, base, self.device)[0]
+            x, base = self.inputs(job)
+            if x is not None:
+                yield job.name, to_method_input(self.plan.method, x, base)[0]
+
+
+def job_bytes(job: TensorJob) -> int:
+    """Working set of one job: its stacked inputs, the base, the output and two scratch tensors."""
+    itemsize = 8 if job.dtype == torch.float64 else 4
+    return (len(job.sources) + 4) * job.numel * itemsize
 
 
 def _run_pool(jobs: Sequence[TensorJob], fn: Callable[[TensorJob], None], threads: int,
-              progress: Progress | None) -> None:
-    """Run ``fn`` over jobs with at most ``2 * threads`` in flight; the first error stops the run."""
+              progress: Progress | None, budget: int) -> None:
+    """Run ``fn`` over jobs with at most ``2 * threads`` in flight whose :func:`job_bytes` sum stays
+    within ``budget`` (a job larger than the budget runs alone); the first error stops the run."""
     done = 0
-    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="unimerge") as pool:
-        pending: set[Future[None]] = set()
-        try:
-            for job in jobs:
-                while len(pending) >= 2 * max(1, threads):
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in finished:
-                        f.result()
-                        done += 1
-                        if progress:
-                            progress(done, len(jobs))
-                pending.add(pool.submit(fn, job))
-            for f in wait(pending).done:
-                f.result()
-                done += 1
+    pending: dict[Future[None], int] = {}
+
+    def settle() -> None:
+        nonlocal done
+        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for f in finished:
+            del pending[f]
+            f.result()
+            done += 1
             if progress:
                 progress(done, len(jobs))
+
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="unimerge") as pool:
+        try:
+            for job in jobs:
+                cost = job_bytes(job)
+                while pending and (len(pending) >= 2 * max(1, threads) or sum(pending.values()) + cost > budget):
+                    settle()
+                pending[pool.submit(fn, job)] = cost
+            while pending:
+                settle()
         finally:
             for f in pending:
                 f.cancel()
@@ -200,7 +227,9 @@ def run_plan(plan: MergePlan, out_dir: str | Path, options: RunOptions = RunOpti
             if plan.method.prepare is not None and plan.jobs:
                 job0 = plan.jobs[0]
                 runner.extra = plan.method.prepare(job0.params, runner.per_model(job0), runner.deltas)
-            _run_pool(plan.jobs, lambda job: writer.write(job.name, runner.merge(job)), options.threads, progress)
+            budget = options.memory_budget or max([_MIN_BUDGET, *map(job_bytes, plan.jobs)])
+            _run_pool(plan.jobs, lambda job: writer.write(job.name, runner.merge(job)), options.threads, progress,
+                      budget)
             _write_metadata(plan, writer, {f: h.result() for f, h in hashes.items()})
             writer.commit()
     finally:

@@ -89,6 +89,7 @@ def run_data_method(info: MethodInfo, problem: MergeProblem) -> dict[str, Any]:
         "data_budget": {"examples_per_task": merged.examples_used, "labeled": merged.labeled},
         "params_total": merged.params_total or dense,
         "params_dense": dense,
+        "details": merged.details,
     }
 
 
@@ -117,4 +118,4 @@ def data_row(prep: Any, info: MethodInfo) -> dict[str, Any]:
         "data_budget": out["data_budget"],
         "params_total": out["params_total"],
         "params_dense": out["params_dense"],
-    }
+    } | ({"details": out["details"]} if out["details"] else {})

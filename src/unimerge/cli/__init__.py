@@ -152,5 +152,11 @@ _register_subcommands()
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    Asks PyTorch's CPU allocator for transparent huge pages (``THP_MEM_ALLOC_ENABLE``, read once, at
+    the first allocation): a merge allocates many fresh buffers of hundreds of MB, and with 4 KiB
+    pages their first touch costs more than the arithmetic (3-4x, measured on a 131 MB tensor).
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     app()

@@ -5,16 +5,19 @@ sharded folder with ``model.safetensors.index.json``, mergekit's ``BASE+ADAPTER`
 when asked - a pickled ``pytorch_model.bin``) into a :class:`Checkpoint`: names, shapes and dtypes
 come from the file headers alone; tensor data is read one tensor at a time by :meth:`Checkpoint.read`.
 
-Safetensors headers are parsed and checked here before ``safetensors.safe_open`` sees the file
-(format: https://github.com/huggingface/safetensors#format), so a corrupt or truncated download fails
-with a message naming the file, the tensor and the fix rather than a panic deep inside a merge.
+Safetensors headers are parsed and checked here (format:
+https://github.com/huggingface/safetensors#format), so a corrupt or truncated download fails with a
+message naming the file, the tensor and the fix rather than a panic deep inside a merge; tensor
+bytes are then read with ``os.preadv`` at the checked offsets, straight into the caller's buffer.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import json
 import math
+import os
 import struct
 import threading
 from dataclasses import dataclass
@@ -22,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from unimerge.cache import sha256_file
 from unimerge.errors import CheckpointError
@@ -62,6 +64,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     ]
     if hasattr(torch, attr)
 }
+_READ_CHUNK = 1 << 30  # bytes per pread call (Linux caps one read near 2 GiB)
 _MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 _FIX = "re-download or re-save the file"
 _EXPECTED = (
@@ -79,6 +82,7 @@ class TensorMeta:
     dtype: torch.dtype
     file: Path  # file holding the data (for LoRA-materialised tensors: the base's file)
     nbytes: int
+    offset: int = -1  # absolute byte offset of the data in ``file`` (safetensors), else -1
 
 
 def _bad(path: Path, what: str, tensor: str | None = None) -> CheckpointError:
@@ -149,13 +153,15 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[str
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _bad(path, "__metadata__ is not a mapping of strings")
     entries = {name: _check_entry(path, name, e) for name, e in header.items()}
-    metas, pos = {}, 0
+    metas: dict[str, tuple[TensorMeta, int]] = {}
+    pos = 0
     for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2:]):
         if begin != pos:
             raise _bad(path, f"data_offsets start at {begin}, expected {pos} (gap or overlap)", name)
         pos = end
-        metas[name] = TensorMeta(name, shape, dtype, path, end - begin)
+        metas[name] = (TensorMeta(name, shape, dtype, path, end - begin), begin)
     data = size - 8 - n
+    metas = {k: dataclasses.replace(m, offset=8 + n + off) for k, (m, off) in metas.items()}
     if pos > data:
         raise _bad(
             path, f"header claims {pos} bytes of tensor data but the file holds {data}: it is truncated"
@@ -204,6 +210,10 @@ class Checkpoint(abc.ABC):
     def read(self, name: str) -> torch.Tensor:
         """One tensor on CPU, in its stored dtype."""
 
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Read one tensor into ``out`` (same shape, any dtype/device), converting as needed."""
+        out.copy_(self.read(name))
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release open files; :meth:`read` may not be called afterwards."""
@@ -219,49 +229,66 @@ class Checkpoint(abc.ABC):
 
 
 class SafetensorsCheckpoint(Checkpoint):
-    """One or more safetensors files; each thread gets its own ``safe_open`` handle per file."""
+    """One or more safetensors files, read with ``os.pread`` at the offsets the checked header gives.
+
+    One descriptor per file, shared by all threads (``pread`` does not move a file position), so a
+    tensor goes from the page cache straight into the caller's buffer: no mmap faults, no copy.
+    """
 
     def __init__(self, ref: str, root: Path, metas: dict[str, TensorMeta]) -> None:
         super().__init__(ref, root, metas)
-        self._local = threading.local()
         self._lock = threading.Lock()
-        self._handle_maps: list[dict[Path, Any]] = []
+        self._fds: dict[Path, int] = {}
         self._closed = False
 
-    def _handle(self, file: Path) -> Any:
-        handles = getattr(self._local, "handles", None)
-        if handles is None:
-            handles = self._local.handles = {}
-            with self._lock:
-                self._handle_maps.append(handles)
-        if file not in handles:
-            try:
-                handles[file] = safe_open(str(file), framework="pt")
-            except Exception as err:  # safetensors raises its own SafetensorError
-                raise CheckpointError(f"Cannot open {file}: {err}. {_FIX.capitalize()}.") from None
-        return handles[file]
+    def _fd(self, file: Path) -> int:
+        with self._lock:
+            if self._closed:
+                raise CheckpointError(f"{self.ref} was closed; reopen it to read from {file}.")
+            if file not in self._fds:
+                try:
+                    self._fds[file] = os.open(file, os.O_RDONLY)
+                except OSError as err:
+                    raise CheckpointError(f"Cannot open {file}: {err.strerror or err}.") from None
+            return self._fds[file]
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor on CPU, in its stored dtype."""
         meta = self._meta(name)
-        if self._closed:
-            raise CheckpointError(f"{self.ref} was closed; reopen it to read {name!r}.")
+        out = torch.empty(meta.shape, dtype=meta.dtype)
+        self._pread(meta, out)
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Read straight into ``out`` when it is a contiguous CPU tensor of the stored dtype."""
+        meta = self._meta(name)
+        if out.device.type == "cpu" and out.dtype == meta.dtype and out.is_contiguous():
+            self._pread(meta, out)
+        else:
+            out.copy_(self.read(name))
+
+    def _pread(self, meta: TensorMeta, out: torch.Tensor) -> None:
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if meta.nbytes else memoryview(b"")
+        fd, pos, done = self._fd(meta.file), meta.offset, 0
         try:
-            return self._handle(meta.file).get_tensor(name)
-        except CheckpointError:
-            raise
-        except Exception as err:
+            while done < meta.nbytes:
+                got = os.preadv(fd, [view[done : done + _READ_CHUNK]], pos + done)
+                if got == 0:
+                    raise OSError(f"file ended {meta.nbytes - done} bytes early")
+                done += got
+        except OSError as err:
             raise CheckpointError(
-                f"Cannot read tensor {name!r} from {meta.file}: {err}. {_FIX.capitalize()}."
+                f"Cannot read tensor {meta.name!r} from {meta.file}: {getattr(err, 'strerror', None) or err}. "
+                f"{_FIX.capitalize()}."
             ) from None
 
     def close(self) -> None:
-        """Drop every thread's file handles."""
-        self._closed = True
+        """Close the file descriptors."""
         with self._lock:
-            for handles in self._handle_maps:
-                handles.clear()
-            self._handle_maps.clear()
+            self._closed = True
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
 
 class PickleCheckpoint(Checkpoint):

@@ -58,6 +58,12 @@ Scope = Literal["tensor", "model"]
 
 
 class MergeFn(Protocol):
+    """A data-free method on one tensor: ``x`` ``(n_models, *shape)`` -> merged ``(*shape)``.
+
+    ``x`` is a fresh buffer the caller gives up (task vectors for ``inputs="deltas"``): the method
+    may overwrite it instead of allocating a second ``(n_models, *shape)`` buffer.
+    """
+
     def __call__(
         self,
         x: Tensor,

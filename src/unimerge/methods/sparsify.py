@@ -67,7 +67,7 @@ from unimerge.methods._registry import ModelWeight, register_method
 
 __all__ = ["generalized_task_arithmetic", "sce"]
 
-# (x (n, *shape), per_model, rescale, generator) -> sparsified copy (n, *shape)
+# (x (n, *shape), per_model, rescale, generator) -> x sparsified in place (n, *shape)
 Sparsifier = Callable[[Tensor, Mapping[str, Tensor], bool, "torch.Generator | None"], Tensor]
 
 
@@ -114,23 +114,23 @@ def _magnitude(
     x: Tensor, pm: Mapping[str, Tensor], rescale: bool, generator: torch.Generator | None
 ) -> Tensor:
     if "threshold" in pm:  # trim_scope: global
-        return sparsify_threshold(x, pm["density"], pm["threshold"], rescale=rescale, norm="l1")
-    return sparsify_magnitude(x, pm["density"], rescale=rescale, norm="l1")
+        return sparsify_threshold(x, pm["density"], pm["threshold"], rescale=rescale, norm="l1", inplace=True)
+    return sparsify_magnitude(x, pm["density"], rescale=rescale, norm="l1", inplace=True)
 
 
 def _random(x: Tensor, pm: Mapping[str, Tensor], rescale: bool, generator: torch.Generator | None) -> Tensor:
-    return sparsify_random(x, pm["density"], rescale=rescale, generator=generator, norm="l1")
+    return sparsify_random(x, pm["density"], rescale=rescale, generator=generator, norm="l1", inplace=True)
 
 
 def _outliers(
     x: Tensor, pm: Mapping[str, Tensor], rescale: bool, generator: torch.Generator | None
 ) -> Tensor:
-    return sparsify_breadcrumbs(x, pm["density"], pm["gamma"], rescale=rescale, norm="l1")
+    return sparsify_breadcrumbs(x, pm["density"], pm["gamma"], rescale=rescale, norm="l1", inplace=True)
 
 
 def _rank(x: Tensor, pm: Mapping[str, Tensor], rescale: bool, generator: torch.Generator | None) -> Tensor:
     return sparsify_rank_magnitude(
-        x, pm["density"], pm["epsilon"], rescale=rescale, generator=generator, norm="l1"
+        x, pm["density"], pm["epsilon"], rescale=rescale, generator=generator, norm="l1", inplace=True
     )
 
 
@@ -148,7 +148,7 @@ def generalized_task_arithmetic(
     """Sparsify each task vector, weight, elect signs, sum, normalise, scale (module docstring).
 
     Args:
-        x: task vectors ``(n, *shape)``; not modified.
+        x: task vectors ``(n, *shape)``; overwritten (the engine hands every method a fresh buffer).
         per_model: ``weight`` and the sparsifier's fractions, each ``(n,)``.
         sparsifier: one of the per-model sparsifiers, or ``None`` for plain task arithmetic.
         consensus: TIES sign election (``sum`` or ``count``), or ``None``.
@@ -162,14 +162,14 @@ def generalized_task_arithmetic(
     """
     w = per_model["weight"].to(device=x.device, dtype=x.dtype)  # (n,)
     weighted = None
-    if sparsifier is not None:  # a fresh buffer we may scale in place
-        weighted = sparsifier(x, per_model, rescale, generator).mul_(expand_like(w, x))  # (n, *shape)
+    if sparsifier is not None:
+        weighted = sparsifier(x, per_model, rescale, generator).mul_(expand_like(w, x))  # x, (n, *shape)
     if consensus is None:
         mixed = weighted.sum(dim=0) if weighted is not None else weighted_sum(x, w)  # (*shape)
         total = float(w.sum())
         divisor: Tensor | float = 1.0 if abs(total) < 1e-8 else total
     else:
-        weighted = weighted if weighted is not None else x * expand_like(w, x)
+        weighted = weighted if weighted is not None else x.mul_(expand_like(w, x))
         mixed, _ = consensus_sums(weighted, w, consensus, normalize=normalize)  # (*shape)
         return mixed.mul_(lam) if lam != 1.0 else mixed
     if normalize:

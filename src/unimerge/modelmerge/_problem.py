@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +72,7 @@ class MergedModel:
         task_modules: optional per-task modules (e.g. representation surgery); ``for_task`` uses them.
         examples_used: examples drawn per task; ``labeled`` whether labels were used.
         params_total: parameter count of what must be stored to run it (vs. the dense model).
+        details: what the method learned, for reports (e.g. AdaMerging's coefficients and entropies).
     """
 
     module: nn.Module
@@ -79,6 +80,7 @@ class MergedModel:
     labeled: bool
     task_modules: Mapping[str, nn.Module] = field(default_factory=dict)
     params_total: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
 
     def for_task(self, name: str) -> nn.Module:
         """The module to evaluate task ``name`` with."""

@@ -173,6 +173,18 @@ def adamerge(
     )
 
 
+def _finish(problem: MergeProblem, res: AdaResult) -> MergedModel:
+    """The merged model, with the learned coefficients and the entropy at the first and last step."""
+    merged = finish(problem, res.state, res.examples, labeled=False)
+    lam = res.coefficients  # (1 or names, n)
+    merged.details = {
+        "coefficients_per_task": [round(float(v), 4) for v in lam.mean(dim=0)],
+        "coefficients_range": [round(float(lam.min()), 4), round(float(lam.max()), 4)],
+        "entropy_first_last": [round(res.history[0], 4), round(res.history[-1], 4)] if res.history else [],
+    }
+    return merged
+
+
 _GRID: dict[str, tuple] = {}  # one run at the defaults: each run is minutes of CPU on MiniLM
 
 
@@ -188,8 +200,7 @@ _GRID: dict[str, tuple] = {}  # one run at the defaults: each run is minutes of 
 )
 def task_wise_adamerging(problem: MergeProblem, params: AdaMergingParams) -> MergedModel:  # type: ignore[misc]
     """Task-wise AdaMerging: one task-arithmetic coefficient per task, learned by entropy minimisation."""
-    res = adamerge(problem, params, "task")
-    return finish(problem, res.state, res.examples, labeled=False)
+    return _finish(problem, adamerge(problem, params, "task"))
 
 
 @register_method(
@@ -204,5 +215,4 @@ def task_wise_adamerging(problem: MergeProblem, params: AdaMergingParams) -> Mer
 )
 def layer_wise_adamerging(problem: MergeProblem, params: AdaMergingParams) -> MergedModel:  # type: ignore[misc]
     """Layer-wise AdaMerging: one coefficient per task and parameter tensor, learned by entropy minimisation."""
-    res = adamerge(problem, params, "layer")
-    return finish(problem, res.state, res.examples, labeled=False)
+    return _finish(problem, adamerge(problem, params, "layer"))
