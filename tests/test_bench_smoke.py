@@ -72,6 +72,31 @@ def test_smoke_suite_end_to_end(fresh_cache, tmp_path):
     html = (out / "report.html").read_text()
     assert '<table id="results">' in html and html.count("data:image/png;base64,") >= 2
     assert "individual experts" in result.output  # the rich table was printed
+    _check_reuse(out, tmp_path / "again", res)
+
+
+def _check_reuse(out: Path, again: Path, res: dict) -> None:
+    """A second run with ``--reuse`` copies the finished rows instead of merging again."""
+    import unimerge.bench.main as bench_main
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a reused method was run again")
+
+    names = [r["method"] for r in res["rows"]][:2]
+    original, bench_main.tune_method = bench_main.tune_method, fail
+    try:
+        result = CliRunner().invoke(
+            _app(), ["bench", "--suite", "smoke", "--out", str(again), "--reuse", str(out), "--methods", ",".join(names)]
+        )
+    finally:
+        bench_main.tune_method = original
+    assert result.exit_code == 0, result.output
+    rows = json.loads((again / "results.json").read_text())["rows"]
+    assert rows == [r for r in res["rows"] if r["method"] in names]
+    other = again.parent / "other.json"
+    other.write_text(json.dumps({**res, "seed": 1}))
+    result = CliRunner().invoke(_app(), ["bench", "--suite", "smoke", "--out", str(again), "--reuse", str(other)])
+    assert result.exit_code == 2 and "seed" in result.output
 
 
 def test_unknown_suite_is_a_clear_error(tmp_path):

@@ -30,6 +30,9 @@ import torch
 from rich.console import Console
 
 from unimerge.bench.cache import atomic_write_text
+from unimerge.core import validate_params
+from unimerge.errors import ConfigError
+from unimerge.methods import MethodInfo
 from unimerge.bench.report import render_html, results_table
 from unimerge.bench.runner import (
     MODEL_NAME,
@@ -83,6 +86,44 @@ def _skeleton(prep: Prepared, started: float) -> dict[str, Any]:
     }
 
 
+def _reusable_rows(paths: Sequence[Path], results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Finished rows (and skips) of earlier runs of the same suite, seed and experts, by method.
+
+    Raises:
+        ConfigError: a ``results.json`` that is missing, unreadable or from another setup.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        file = path / "results.json" if path.is_dir() else path
+        try:
+            old = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"Cannot reuse rows from {file}: {err}. Give a benchmark output folder.") from None
+        same = {k: old.get(k) for k in ("suite", "seed", "tasks", "experts")}
+        want = {k: results[k] for k in same}
+        if same != want:
+            diff = ", ".join(k for k in same if same[k] != want[k])
+            raise ConfigError(
+                f"Cannot reuse rows from {file}: its {diff} differ from this run's "
+                f"(suite {results['suite']}, seed {results['seed']}). Reuse only runs of the same setup."
+            )
+        for row in old.get("rows", []):
+            rows.setdefault(row["method"], row)
+    return rows
+
+
+def _same_recipe(row: dict[str, Any], info: MethodInfo) -> bool:
+    """Whether ``row`` was made with ``info``'s current grid (data-free) or defaults (data-aware)."""
+    if info.data == "none":
+        return [g["params"] for g in row.get("grid", [])] == _as_json(grid_points(info))
+    defaults = validate_params(info, {}, [])[0].model_dump(mode="json", by_alias=True)
+    return row.get("params") == _as_json(defaults)
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(round_floats(value)))
+
+
 def _write(out: Path, results: dict[str, Any]) -> None:
     atomic_write_text(out / "results.json", json.dumps(round_floats(results), indent=2))
 
@@ -95,6 +136,7 @@ def run_bench(
     seed: int = 0,
     root: Path | None = None,
     console: Console | None = None,
+    reuse: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Run suite ``suite_name`` and write ``out/results.json`` and ``out/report.html``.
 
@@ -106,6 +148,9 @@ def run_bench(
         seed: seed of the data splits, training and random methods.
         root: cache folder (default :func:`unimerge.bench.cache.cache_root`).
         console: where tables and progress go.
+        reuse: earlier output folders (or ``results.json`` files) of the same suite, seed and
+            experts: a method with a row there made with its current grid (data-aware: its current
+            defaults) is not run again, its row is copied.
 
     Returns:
         The results dict written to ``results.json``.
@@ -117,13 +162,18 @@ def run_bench(
     out.mkdir(parents=True, exist_ok=True)
     prep = prepare(suite, seed, root, console)
     results = _skeleton(prep, started)
+    done = _reusable_rows(reuse, results)
     with _progress(console) as progress:
         bar = progress.add_task(
             "methods (grid points on validation)", total=sum(len(grid_points(i)) for i in infos)
         )
         for info in infos:
             progress.update(bar, description=f"method {info.name}")
-            row = tune_method(prep, info, lambda n: progress.advance(bar, n))
+            if info.name in done and _same_recipe(done[info.name], info):
+                row = done[info.name]
+                progress.advance(bar, len(grid_points(info)))
+            else:
+                row = tune_method(prep, info, lambda n: progress.advance(bar, n))
             (results["skipped"] if "reason" in row else results["rows"]).append(row)
             _write(out, results)
         if scaling and results["rows"]:

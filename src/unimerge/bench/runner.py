@@ -175,11 +175,20 @@ def _with_head(task: TaskData, expert: Expert) -> TaskData:
 def select_methods(suite: Suite, names: Sequence[str] | None) -> list[MethodInfo]:
     """The methods to run: ``names`` if given, else the suite's default, else all data-free ones.
 
+    Besides method names, ``names`` may hold the groups ``free`` (every data-free method), ``data``
+    (every data-aware one) and ``all``.
+
     Raises:
         ConfigError: an unknown name.
     """
     if names:  # data-aware methods run only when named (each costs minutes; see bench/data_aware.py)
-        return [get_method(n) for n in names]
+        groups = {
+            "all": list_methods(),
+            "free": list_methods(data="none"),
+            "data": [m for m in list_methods() if m.data != "none"],
+        }
+        chosen = [m for n in names for m in (groups[n] if n in groups else [get_method(n)])]
+        return list({m.name: m for m in chosen}.values())  # first occurrence, no repeats
     available = list_methods(data="none")
     if suite.default_methods is not None:
         chosen = [m for m in available if m.name in suite.default_methods]

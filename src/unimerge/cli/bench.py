@@ -22,7 +22,16 @@ def bench(
     ),
     out: Path = typer.Option(..., "--out", help="Folder for results.json and report.html."),
     methods: list[str] | None = typer.Option(
-        None, "--methods", help="Method to run (repeat the option); default: the suite's methods."
+        None,
+        "--methods",
+        help="Method to run (repeat the option, or comma-separate); groups: free, data, all. "
+        "Default: the suite's methods.",
+    ),
+    reuse: list[Path] | None = typer.Option(
+        None,
+        "--reuse",
+        help="Earlier output folder of the same suite and seed: its finished rows are copied, not rerun "
+        "(repeat the option; give --out itself to resume an interrupted run).",
     ),
     scaling: bool = typer.Option(False, "--scaling", help="Also merge 2..N tasks and plot accuracy vs N."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data splits, training and random methods."),
@@ -50,6 +59,7 @@ def bench(
             names or None,
             scaling=scaling,
             seed=seed,
+            reuse=reuse or (),
             console=Console(width=None if sys.stdout.isatty() else 200),
         )
     except UnimergeError as err:

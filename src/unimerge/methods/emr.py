@@ -80,7 +80,7 @@ def emr_rescalers(pairs: Iterable[tuple[Tensor, Tensor, Tensor]], n_tasks: int) 
     family="mask",
     needs_base=True,
     paper="https://arxiv.org/abs/2405.17461",
-    grid={"lambda": (0.3, 0.5, 0.7, 1.0)},
+    grid={"lambda": (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)},
 )
 def emr(x: Tensor, params: EmrParams, per_model: Mapping[str, Tensor], *, base, generator) -> Tensor:
     """EMR-Merging's unified task vector (no task modulators): ``lambda * tau_uni`` of ``w_i * tau_i``.

@@ -93,15 +93,15 @@ def slerp_pair(
         The interpolated tensor, shape of ``v0``.
     """
     n0, n1 = float(v0.norm()), float(v1.norm())
-    u0 = v0 / n0 if n0 > eps else v0
-    u1 = v1 / n1 if n1 > eps else v1
-    dot = float((u0 * u1).sum())
+    d0, d1 = (n0 if n0 > eps else 1.0), (n1 if n1 > eps else 1.0)
+    dot = float(torch.dot(v0.reshape(-1), v1.reshape(-1))) / (d0 * d1)  # no normalised copies
     if abs(dot) > dot_threshold:
-        return (1 - t) * v0 + t * v1
-    theta = math.acos(dot)
-    s0 = math.sin(theta * (1 - t)) / math.sin(theta)
-    s1 = math.sin(theta * t) / math.sin(theta)
-    return s0 * v0 + s1 * v1
+        s0, s1 = 1.0 - t, t
+    else:
+        theta = math.acos(dot)
+        s0 = math.sin(theta * (1 - t)) / math.sin(theta)
+        s1 = math.sin(theta * t) / math.sin(theta)
+    return torch.mul(v0, s0).add_(v1, alpha=s1)
 
 
 @register_method(

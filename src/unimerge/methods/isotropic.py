@@ -28,7 +28,7 @@ from unimerge.methods.subspace import is_matrix_stack, polar_factor, weighted
 
 __all__ = ["IsoCParams", "IsoCtsParams", "iso_c", "iso_cts", "iso_cts_split"]
 
-_ALPHA_GRID = (0.5, 1.0, 1.5, 2.0, 3.0)
+_ALPHA_GRID = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 class IsoCParams(BaseModel):

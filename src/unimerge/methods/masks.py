@@ -186,7 +186,7 @@ class ConsensusTiesParams(ConsensusParams):
     family="mask",
     needs_base=True,
     paper="https://arxiv.org/abs/2405.07813",
-    grid={"lambda": (0.3, 0.5, 1.0), "tall_lambda": (0.4, 0.6)},
+    grid={"lambda": (0.1, 0.2, 0.3, 0.5, 1.0), "tall_lambda": (0.4, 0.6)},
 )
 def consensus_ta(
     x: Tensor, params: ConsensusParams, per_model: Mapping[str, Tensor], *, base, generator

@@ -262,10 +262,10 @@ _DARE = "https://arxiv.org/abs/2311.03099"
 _CRUMBS = "https://arxiv.org/abs/2312.06795"
 _DELLA = "https://arxiv.org/abs/2406.11617"
 
-_ONLY_LAMBDA = {"lambda": (0.3, 0.5, 0.7, 1.0)}
-_MEAN_GRID = {"density": (0.2, 0.5), "lambda": (0.7, 1.0, 1.5)}  # normalised (mean) merges
-_SUM_GRID = {"density": (0.3, 0.5), "lambda": (0.3, 0.5, 0.7)}  # unnormalised sums of 4-8 experts
-_CRUMB_GRID = {"density": (0.5, 0.9), "lambda": (0.3, 0.5, 0.7)}
+_ONLY_LAMBDA = {"lambda": (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)}
+_MEAN_GRID = {"density": (0.2, 0.5), "lambda": (0.5, 0.7, 1.0, 1.5)}  # normalised (mean) merges
+_SUM_GRID = {"density": (0.3, 0.5), "lambda": (0.1, 0.2, 0.3, 0.5, 0.7)}  # unnormalised sums of 4-8 experts
+_CRUMB_GRID = {"density": (0.5, 0.9), "lambda": (0.1, 0.2, 0.3, 0.5, 0.7)}
 
 
 _VARIANTS = (
@@ -274,7 +274,7 @@ _VARIANTS = (
              family="task_arithmetic"),
     _Variant("magnitude_prune", "Magnitude pruning of each task vector (TIES trim), then a weighted sum.",
              _magnitude, None, normalize=False, rescale=False, model_params=DensityWeight, paper=_TIES,
-             grid={"density": (0.2, 0.5), "lambda": (0.3, 0.5, 1.0)}),
+             grid={"density": (0.2, 0.5), "lambda": (0.1, 0.2, 0.3, 0.5, 1.0)}),
     _Variant("ties", "TIES: trim by magnitude, elect sign, disjoint weighted mean.",
              _magnitude, "sum", normalize=True, rescale=False, model_params=DensityWeight, paper=_TIES, grid=_MEAN_GRID,
              global_trim=True),

@@ -46,7 +46,7 @@ from unimerge.modelmerge._moe import (
 )
 from unimerge.modelmerge._problem import MergedModel, MergeProblem
 
-__all__ = ["WEMoELinear", "WEMoEParams", "entropy", "link_groups", "wemoe"]
+__all__ = ["WEMoELinear", "WEMoEParams", "entropy", "link_groups", "routing_summary", "wemoe"]
 
 
 class WEMoEParams(BaseModel):
@@ -271,7 +271,26 @@ def wemoe(problem: MergeProblem, params: WEMoEParams) -> MergedModel:
     with torch.random.fork_rng():  # seeds the routers' N(0, 0.01) initialisation only
         torch.manual_seed(problem.seed)
         module = _build(problem, params).to(problem.device)
-    train_routers(module, problem, params)
+    losses = train_routers(module, problem, params)
     module.unimerge_method = {"method": "wemoe", "params": params.model_dump(mode="json", by_alias=True)}
     used = min(problem.budget, params.steps * params.batch_size)
-    return MergedModel(module=module, examples_used=used, labeled=False, params_total=count_params(module))
+    details = {
+        "entropy_first_last": [round(losses[0], 4), round(losses[-1], 4)] if losses else [],
+        "routing_mean_per_task": routing_summary(module, problem, params.batch_size),
+    }
+    return MergedModel(
+        module=module, examples_used=used, labeled=False, params_total=count_params(module), details=details
+    )
+
+
+@torch.no_grad()
+def routing_summary(module: nn.Module, problem: MergeProblem, batch_size: int) -> dict[str, list[float]]:
+    """Task name -> routing weight per expert, averaged over blocks and one batch of that task's data."""
+    entries = [m for m in module.modules() if isinstance(m, WEMoELinear) and m.entry]
+    out = {}
+    for task in problem.tasks:
+        batch = next(cycle_batches(task, problem.budget, batch_size, problem.seed, problem.device))
+        problem.features(module, batch)
+        mean = torch.stack([m.route.weights.float().mean(0) for m in entries]).mean(0)  # (n,)
+        out[task.name] = [round(float(v), 3) for v in mean]
+    return out
