@@ -196,7 +196,7 @@ def test_registration_and_grid(name):
     keys = set(info.param_schema())
     assert set(info.grid) <= keys
     combos = list(itertools.product(*info.grid.values()))
-    assert 1 <= len(combos) <= 6
+    assert 1 <= len(combos) <= 12  # each point costs one benchmark merge
     # every grid point validates
     for combo in combos:
         _merge(name, [[1.0, -2.0, 0.5], [0.5, 1.0, -1.0]], **dict(zip(info.grid, combo, strict=True)))

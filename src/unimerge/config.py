@@ -17,6 +17,17 @@ Parameter values follow mergekit's rules (:func:`evaluate_setting`): a scalar; a
 interpolated linearly over the layer position ``t`` in [0, 1]; or a list of ``{filter, value}``
 conditions, the first whose ``filter`` is a substring of the tensor name wins (no filter matches all).
 The method name and every parameter value are checked against the registry when the file is read.
+
+A data-aware method (``regmean``, ``fisher``, ``wemoe``, ...: ``data != "none"`` in the registry) needs a
+``data:`` section (:class:`DataSpec`) naming where its examples come from; a data-free method refuses
+one. See :mod:`unimerge.datamerge` for how such a merge runs::
+
+    merge_method: regmean
+    base_model: ./base
+    models:
+      - {model: ./expert-a, task: rt_sentiment}
+      - {model: ./expert-b, task: autos_electronics}
+    data: {suite: quick, budget: 64}
 """
 
 from __future__ import annotations
@@ -26,13 +37,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from unimerge.core import validate_params
 from unimerge.errors import ConfigError
 from unimerge.methods import MethodInfo, get_method
 
-__all__ = ["MergeConfig", "ModelSpec", "SliceSpec", "SourceSpec", "evaluate_setting", "load_config"]
+__all__ = [
+    "DataSpec",
+    "MergeConfig",
+    "ModelSpec",
+    "SliceSpec",
+    "SourceSpec",
+    "check_data_path",
+    "evaluate_setting",
+    "load_config",
+    "method_params",
+]
 
 DType = Literal["float32", "float16", "bfloat16"]
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
@@ -43,10 +72,92 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    """One input model and its per-model parameters."""
+    """One input model and its per-model parameters.
+
+    ``task`` (data-aware merges only) names the task whose data this model's statistics are computed
+    on: a task of ``data.suite``, or a display name for the model's ``data.files`` entry.
+    """
 
     model: str = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
+    task: str | None = Field(default=None, min_length=1)
+
+
+def check_data_path(rel: str, config_dir: Path | None = None) -> Path:
+    """``rel`` resolved against ``config_dir`` (default: the working folder), refusing escapes.
+
+    Raises:
+        ValueError: ``rel`` is absolute, climbs out with ``..``, or (when the file exists) resolves
+            through a link to a place outside ``config_dir``; or, with ``config_dir`` given, is missing.
+    """
+    p = Path(rel)
+    fix = "give a path relative to the config file's folder, inside it (copy or link the data there)"
+    if p.is_absolute() or ".." in p.parts or not str(rel).strip():
+        raise ValueError(f"data file {rel!r} is outside the config file's folder; {fix}")
+    root = (config_dir or Path.cwd()).resolve()
+    full = (root / p).resolve()
+    if not full.is_relative_to(root):
+        raise ValueError(f"data file {rel!r} resolves to {full}, outside {root}; {fix}")
+    if config_dir is not None and not full.is_file():
+        raise ValueError(f"data file {rel!r} not found in {root}; check the path (relative to the config)")
+    return full
+
+
+class DataSpec(_Strict):
+    """Where a data-aware merge draws its examples from (the ``data:`` section).
+
+    Exactly one source: ``suite`` (a benchmark suite's *train* split per task, see
+    ``unimerge bench``) or ``files`` (one JSONL file per merged model, in order; each line an object
+    with ``text``, optionally ``text_pair`` and an integer ``label``; paths relative to the config
+    file's folder and inside it).
+    """
+
+    suite: str | None = Field(default=None, min_length=1)
+    files: list[str] | None = Field(default=None, min_length=1)
+    budget: int = Field(default=64, ge=1, le=1_000_000, description="Examples per task.")
+    batch_size: int | None = Field(
+        default=None, ge=1, le=4096, description="Examples per forward pass (the method's `batch_size`)."
+    )
+    max_length: int | None = Field(
+        default=None, ge=2, le=32768, description="Tokens per example (default: the suite's, or 128)."
+    )
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Sampling seed (default: `seed`).")
+
+    @field_validator("suite")
+    @classmethod
+    def _known_suite(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from unimerge.bench.tasks import SUITES
+
+        if v not in SUITES:
+            raise ValueError(f"unknown suite {v!r}; use one of {sorted(SUITES)} or give `files:`")
+        return v
+
+    @field_validator("files")
+    @classmethod
+    def _safe_paths(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        ctx = info.context or {}
+        for rel in v or []:
+            check_data_path(rel, ctx.get("config_dir"))
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if (self.suite is None) == (self.files is None):
+            raise ValueError(
+                "give exactly one data source: `suite: NAME` (a benchmark suite's train splits) or "
+                "`files: [one JSONL file per model]`"
+            )
+        return self
+
+    def task_names(self) -> list[str]:
+        """The suite's task names, in order (``[]`` for ``files``)."""
+        if self.suite is None:
+            return []
+        from unimerge.bench.tasks import SUITES
+
+        return [t.dataset for t in SUITES[self.suite].tasks]
 
 
 class SourceSpec(ModelSpec):
@@ -88,6 +199,7 @@ class MergeConfig(_Strict):
     tokenizer_source: str | None = None
     name: str | None = None  # mergekit allows a name; kept for the model card
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    data: DataSpec | None = None
 
     @field_validator("dtype", "out_dtype", mode="before")
     @classmethod
@@ -114,10 +226,13 @@ class MergeConfig(_Strict):
         if (self.models is None) == (self.slices is None):
             raise ValueError("give exactly one of `models:` or `slices:`")
         info = self.method
-        if info.data != "none":
-            raise ValueError(f"method {info.name!r} needs data; run it through `unimerge.modelmerge`")
         if info.needs_base and self.base_model is None:
             raise ValueError(f"method {info.name!r} needs `base_model:`")
+        if info.data != "none" or self.data is not None:
+            _check_data(self)
+            return self
+        if any(m.task is not None for m in self.model_specs()):
+            raise ValueError("`task:` on a model is only used by data-aware methods (with a `data:` section)")
         _validate_settings(info, self.parameters, [m.parameters for m in self.model_specs()])
         return self
 
@@ -134,6 +249,63 @@ class MergeConfig(_Strict):
     def expert_refs(self) -> list[str]:
         """Distinct expert model references in order of first appearance."""
         return list(dict.fromkeys(m.model for m in self.model_specs()))
+
+    def merged_specs(self) -> list[ModelSpec]:
+        """The merged models: ``models`` without the base when the method takes the base separately."""
+        info = self.method
+        return [m for m in self.model_specs() if not (info.uses_base and m.model == self.base_model)]
+
+
+def _check_data(cfg: MergeConfig) -> None:
+    """A data-aware method has a usable ``data:`` section, and only a data-aware method has one."""
+    info, data = cfg.method, cfg.data
+    if info.data == "none":
+        raise ValueError(
+            f"`data:` is only for data-aware methods, and {info.name!r} is data-free; remove the `data:` "
+            "section (or pick a data-aware method: `unimerge methods` lists them with their data needs)"
+        )
+    if data is None:
+        raise ValueError(
+            f"method {info.name!r} needs {info.data} examples: add a `data:` section with `suite: NAME` "
+            "(a benchmark suite's train splits) or `files: [one JSONL file per model]`, e.g. "
+            "`data: {suite: quick, budget: 64}` (see the README, 'Data-aware merges from a config')"
+        )
+    if cfg.models is None:
+        raise ValueError(f"method {info.name!r} merges whole models: use `models:`, not `slices:`")
+    specs = cfg.merged_specs()
+    if not specs:
+        raise ValueError(f"method {info.name!r} has no models to merge besides the base model")
+    if data.files is not None and len(data.files) != len(specs):
+        raise ValueError(
+            f"data.files lists {len(data.files)} files but {len(specs)} models are merged; give one file "
+            "per model (the base model excluded), in the order of `models:`"
+        )
+    known = data.task_names()
+    for i, m in enumerate(specs):
+        if known and m.task is not None and m.task not in known:
+            raise ValueError(f"models[{i}].task {m.task!r} is not a task of suite {data.suite!r} ({known})")
+    for i, m in enumerate(specs):
+        if any(not isinstance(v, (bool, int, float, str)) for v in m.parameters.values()):
+            raise ValueError(f"models[{i}]: data-aware methods take plain per-model values (no gradients)")
+    validate_params(info, _with_batch_size(cfg), [m.parameters for m in specs])
+
+
+def _with_batch_size(cfg: MergeConfig) -> dict[str, Any]:
+    """The method's global parameters, with ``data.batch_size`` as its ``batch_size`` when it has one."""
+    raw = dict(cfg.parameters)
+    size = cfg.data.batch_size if cfg.data is not None else None
+    if size is None or "batch_size" not in cfg.method.params.model_fields:
+        return raw
+    if "batch_size" in raw and raw["batch_size"] != size:
+        raise ConfigError(
+            f"batch_size is set twice ({raw['batch_size']} in `parameters:`, {size} in `data:`); keep one"
+        )
+    return {**raw, "batch_size": size}
+
+
+def method_params(cfg: MergeConfig) -> tuple[BaseModel, list[BaseModel]]:
+    """Validated global and per-model parameters of a data-aware config (``data.batch_size`` folded in)."""
+    return validate_params(cfg.method, _with_batch_size(cfg), [m.parameters for m in cfg.merged_specs()])
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
@@ -204,11 +376,13 @@ def _locate(err: ValidationError, path: Path | None) -> str:
 
 
 def parse_config(data: Any, path: Path | None = None) -> MergeConfig:
-    """Validate a config mapping (already parsed from YAML)."""
+    """Validate a config mapping (already parsed from YAML); ``path`` is the file it came from
+    (``data.files`` are resolved against its folder, else against the working folder)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping with `merge_method`, got {type(data).__name__}.")
     try:
-        return MergeConfig.model_validate(data)
+        context = {"config_dir": path.resolve().parent if path else None}
+        return MergeConfig.model_validate(data, context=context)
     except ValidationError as err:
         raise ConfigError(_locate(err, path)) from None
 

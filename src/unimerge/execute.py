@@ -244,8 +244,17 @@ def run_merge(config: MergeConfig | str | Path | Mapping[str, Any], out_dir: str
               options: RunOptions = RunOptions(), progress: Progress | None = None) -> MergeResult:
     """Plan and run a merge config (a path to YAML, a mapping, or a :class:`MergeConfig`).
 
+    A config with a ``data:`` section (a data-aware method) runs through
+    :func:`unimerge.datamerge.run_data_merge`.
+
     Example:
         >>> run_merge("ties.yaml", "out/", RunOptions(threads=4))
     """
+    cfg, cdir = _as_config(config)
+    if cfg.data is not None:  # data-aware: forward passes, see unimerge.datamerge
+        from unimerge.datamerge import run_data_merge
+
+        report = (lambda _what, done, total: progress(done, total)) if progress else None
+        return run_data_merge(cfg, out_dir, options, config_dir=cdir, progress=report)
     plan = plan_config(config, out_dir, allow_pickle=options.allow_pickle)
     return run_plan(plan, out_dir, options, progress)

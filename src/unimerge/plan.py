@@ -220,6 +220,11 @@ def make_plan(config: MergeConfig, out_dir: Path, *, config_dir: Path | None = N
               allow_pickle: bool = False) -> MergePlan:
     """Open every input's headers, check everything, and lay out one job per output tensor."""
     info = config.method
+    if config.data is not None:
+        raise ConfigError(
+            f"Method {info.name!r} is data-aware (the config has `data:`): it runs forward passes, not a "
+            "tensor plan; run it with `unimerge merge` or unimerge.run_merge."
+        )
     refs = config.expert_refs()
     all_refs = list(dict.fromkeys(([config.base_model] if config.base_model else []) + refs))
     resolved = [_resolve_ref(r, config_dir) for r in all_refs]

@@ -30,9 +30,6 @@ import torch
 from rich.console import Console
 
 from unimerge.bench.cache import atomic_write_text
-from unimerge.core import validate_params
-from unimerge.errors import ConfigError
-from unimerge.methods import MethodInfo
 from unimerge.bench.report import render_html, results_table
 from unimerge.bench.runner import (
     MODEL_NAME,
@@ -49,6 +46,9 @@ from unimerge.bench.runner import (
     select_methods,
     tune_method,
 )
+from unimerge.core import validate_params
+from unimerge.errors import ConfigError
+from unimerge.methods import MethodInfo
 
 __all__ = ["run_bench"]
 

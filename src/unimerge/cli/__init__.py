@@ -74,12 +74,16 @@ def merge(
     """Merge the models in CONFIG and write a Hugging Face folder to OUTPUT_DIR."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    from unimerge.config import load_config
     from unimerge.execute import RunOptions, plan_config, run_plan
 
     opts = RunOptions(threads=threads, device=device, out_shard_size=_size(out_shard_size), force=force,
                       seed=seed, allow_pickle=allow_pickle)
 
     def run() -> Any:
+        cfg = load_config(config)
+        if cfg.data is not None:
+            return _data_merge(cfg, config, output_dir, opts)
         plan = plan_config(config, output_dir, allow_pickle=allow_pickle)
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=_err, transient=True) as bar:
@@ -93,6 +97,24 @@ def merge(
                f"in {result.seconds:.1f} s")
 
 
+def _data_merge(cfg: Any, config: Path, output_dir: Path, opts: Any) -> Any:
+    """A config with `data:`: statistics and merge passes with one progress bar per phase."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from unimerge.datamerge import run_data_merge
+
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=_err, transient=True) as bar:
+        bars: dict[str, Any] = {}
+
+        def report(what: str, done: int, total: int) -> None:
+            if what not in bars:
+                bars[what] = bar.add_task(what, total=total)
+            bar.update(bars[what], completed=done, total=total)
+
+        return run_data_merge(cfg, output_dir, opts, config_dir=config.resolve().parent, progress=report)
+
+
 @app.command()
 def validate(
     config: Annotated[Path, typer.Argument(help="unimerge or mergekit YAML config.")],
@@ -103,8 +125,12 @@ def validate(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle")] = False,
 ) -> None:
     """Check CONFIG against the inputs' headers without reading tensor data; print a summary."""
+    from unimerge.config import load_config
     from unimerge.execute import plan_config
 
+    if _guard(lambda: load_config(config)).data is not None:
+        _validate_data(config, output_dir, allow_pickle)
+        return
     plan = _guard(lambda: plan_config(config, output_dir, allow_pickle=allow_pickle))
     s = plan.summary(threads)
     table = Table(title=f"{config}: OK", show_header=False)
@@ -115,6 +141,17 @@ def validate(
     table.add_row("bytes to read", _fmt_bytes(s["bytes_read"]))
     table.add_row("bytes to write", _fmt_bytes(s["bytes_written"]))
     table.add_row(f"peak memory (est., {threads} threads)", _fmt_bytes(s["peak_memory"]))
+    _out.print(table)
+
+
+def _validate_data(config: Path, output_dir: Path, allow_pickle: bool) -> None:
+    """A config with `data:`: every check short of a forward pass; models, tasks, sidecars."""
+    from unimerge.datamerge.run import describe
+
+    rows = _guard(lambda: describe(config, output_dir, allow_pickle=allow_pickle))
+    table = Table(title=f"{config}: OK", show_header=False)
+    for key, value in rows:
+        table.add_row(key, value)
     _out.print(table)
 
 
