@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from unimerge.bench.report import render_html, results_table
+from unimerge.bench.report import render_html, render_markdown, results_table
 from unimerge.bench.runner import grid_points, normalized, scaling_subsets, select_methods, summarize
 from unimerge.bench.tasks import SUITES
 from unimerge.errors import ConfigError
@@ -64,6 +64,11 @@ def test_method_selection():
     assert {m.name for m in select_methods(SUITES["text8"], None)} == every
     assert {m.name for m in select_methods(SUITES["quick"], None)} <= set(SUITES["quick"].default_methods)
     assert [m.name for m in select_methods(SUITES["text8"], ["ties"])] == ["ties"]
+    data = select_methods(SUITES["text8"], ["data"])
+    assert data and all(m.data != "none" for m in data)
+    both = [m.name for m in select_methods(SUITES["text8"], ["ties", "free", "regmean"])]
+    assert both[0] == "ties" and both.count("ties") == 1 and set(both) == every | {"regmean"}
+    assert {m.name for m in select_methods(SUITES["text8"], ["all"])} == {m.name for m in list_methods()}
     with pytest.raises(ConfigError, match="Unknown merge method"):
         select_methods(SUITES["text8"], ["no_such_method"])
 
@@ -96,6 +101,20 @@ def test_rich_table_lists_rows_and_skips():
     console.print(results_table(_results()))
     text = console.export_text()
     assert "alpha_method" in text and "70.0" in text and "two_only" in text and "lambda=1.0" in text
+
+
+def test_markdown_table_rows_params_and_data_budget():
+    res = _results()
+    res["rows"].append(
+        summarize("data_method", {"t1": 0.8, "t2": 0.7}, res["individual"])
+        | {"params": {"steps": 3}, "seconds": 12.0, "data_budget": {"examples_per_task": 64, "labeled": False}}
+    )
+    lines = render_markdown(res).splitlines()
+    assert lines[0] == "| method | t1 | t2 | avg | norm. | chosen params / data | merge s |"
+    assert lines[2].startswith("| pretrained (linear probe) | 60.0 | 50.0 | 55.0 |")
+    assert lines[3] == "| `data_method` | 80.0 | 70.0 | 75.0 | 88.2 | defaults; 64 unlabelled examples per task | 12.0 |"
+    assert lines[4].startswith("| `alpha_method` | 70.0 | 60.0 | 65.0 |") and "| lambda=1.0 | 0.1 |" in lines[4]
+    assert lines[-1] == "Skipped: `two_only` (needs exactly 2 models)."
 
 
 @pytest.mark.skipif(

@@ -30,7 +30,7 @@ import torch
 from rich.console import Console
 
 from unimerge.bench.cache import atomic_write_text
-from unimerge.bench.report import render_html, results_table
+from unimerge.bench.report import render_html, render_markdown, results_table
 from unimerge.bench.runner import (
     MODEL_NAME,
     Prepared,
@@ -185,8 +185,9 @@ def run_bench(
     results = round_floats(results)
     _write(out, results)
     atomic_write_text(out / "report.html", render_html(results))
+    atomic_write_text(out / "results.md", render_markdown(results))
     console.print(results_table(results))
     console.print(
-        f"Wrote {out / 'results.json'} and {out / 'report.html'} in {results['seconds_total']:.0f} s."
+        f"Wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'report.html'} in {results['seconds_total']:.0f} s."
     )
     return results

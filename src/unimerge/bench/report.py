@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.table import Table
 
-__all__ = ["render_html", "results_table"]
+__all__ = ["render_html", "render_markdown", "results_table"]
 
 
 def _all_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -26,6 +26,35 @@ def _all_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def _fmt_params(params: Mapping[str, Any] | None) -> str:
     return ", ".join(f"{k}={v}" for k, v in (params or {}).items())
+
+
+def _shown_params(row: Mapping[str, Any]) -> str:
+    """Chosen grid point (data-free) or, for data-aware rows, the data they used."""
+    budget = row.get("data_budget")
+    if budget:
+        kind = "labelled" if budget.get("labeled") else "unlabelled"
+        n = budget["examples_per_task"]
+        return f"defaults; {n} {kind} examples per task" if n else "defaults; no data"
+    return _fmt_params(row.get("params"))
+
+
+def render_markdown(results: Mapping[str, Any]) -> str:
+    """The results as a Markdown table (what the README shows): test accuracy % per task, mean,
+    normalized mean, chosen parameters and merge seconds, best method first; skipped methods below."""
+    tasks = results["tasks"]
+    head = ["method", *tasks, "avg", "norm.", "chosen params / data", "merge s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    n_base = len(results.get("baselines", []))
+    for i, row in enumerate(_all_rows(results)):
+        name = row["method"] if i < n_base else f"`{row['method']}`"
+        cells = [f"{100 * row['per_task'][t]:.1f}" for t in tasks]
+        seconds = f"{row['seconds']:.1f}" if i >= n_base and "seconds" in row else ""
+        lines.append("| " + " | ".join([name, *cells, f"{100 * row['avg']:.1f}",
+                                        f"{100 * row['normalized_avg']:.1f}", _shown_params(row), seconds]) + " |")
+    skipped = [f"`{s['method']}` ({s['reason'].split('.')[0]})" for s in results.get("skipped", [])]
+    if skipped:
+        lines += ["", "Skipped: " + "; ".join(skipped) + "."]
+    return "\n".join(lines) + "\n"
 
 
 def results_table(results: Mapping[str, Any]) -> Table:
