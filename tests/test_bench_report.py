@@ -69,6 +69,8 @@ def test_method_selection():
     both = [m.name for m in select_methods(SUITES["text8"], ["ties", "free", "regmean"])]
     assert both[0] == "ties" and both.count("ties") == 1 and set(both) == every | {"regmean"}
     assert {m.name for m in select_methods(SUITES["text8"], ["all"])} == {m.name for m in list_methods()}
+    quick = {m.name: m for m in select_methods(SUITES["quick"], None)}  # its coarser grids
+    assert len(grid_points(quick["ties"])) == 4 < len(grid_points(get_method("ties")))
     with pytest.raises(ConfigError, match="Unknown merge method"):
         select_methods(SUITES["text8"], ["no_such_method"])
 

@@ -15,6 +15,7 @@ normalized test accuracy per subset size.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -176,7 +177,8 @@ def select_methods(suite: Suite, names: Sequence[str] | None) -> list[MethodInfo
     """The methods to run: ``names`` if given, else the suite's default, else all data-free ones.
 
     Besides method names, ``names`` may hold the groups ``free`` (every data-free method), ``data``
-    (every data-aware one) and ``all``.
+    (every data-aware one) and ``all``. A suite's own grid for a method (``Suite.grids``) replaces
+    the registered one.
 
     Raises:
         ConfigError: an unknown name.
@@ -188,13 +190,18 @@ def select_methods(suite: Suite, names: Sequence[str] | None) -> list[MethodInfo
             "data": [m for m in list_methods() if m.data != "none"],
         }
         chosen = [m for n in names for m in (groups[n] if n in groups else [get_method(n)])]
-        return list({m.name: m for m in chosen}.values())  # first occurrence, no repeats
+        return [_suite_grid(suite, m) for m in {m.name: m for m in chosen}.values()]  # no repeats
     available = list_methods(data="none")
     if suite.default_methods is not None:
         chosen = [m for m in available if m.name in suite.default_methods]
         if chosen:
-            return chosen
+            return [_suite_grid(suite, m) for m in chosen]
     return available
+
+
+def _suite_grid(suite: Suite, info: MethodInfo) -> MethodInfo:
+    grid = suite.grid_for(info.name)
+    return info if grid is None else dataclasses.replace(info, grid=grid)
 
 
 def grid_points(info: MethodInfo) -> list[dict[str, Any]]:
