@@ -370,9 +370,12 @@ def dataset_info(prep: Prepared) -> dict[str, dict[str, Any]]:
 
 
 def round_floats(obj: Any, digits: int = 4) -> Any:
-    """``obj`` with every float rounded (for a readable results.json)."""
+    """``obj`` with every float rounded to ``digits`` decimals (for a readable results.json); floats
+    under ``10**-digits`` keep ``digits`` significant digits instead (a learning rate of 1e-5 stays)."""
     if isinstance(obj, float):
-        return obj if math.isnan(obj) else round(obj, digits)
+        if math.isnan(obj) or math.isinf(obj):
+            return obj
+        return float(f"{obj:.{digits}g}") if 0 < abs(obj) < 10**-digits else round(obj, digits)
     if isinstance(obj, dict):
         return {k: round_floats(v, digits) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
