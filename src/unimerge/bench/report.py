@@ -34,7 +34,11 @@ def _shown_params(row: Mapping[str, Any]) -> str:
     if budget:
         kind = "labelled" if budget.get("labeled") else "unlabelled"
         n = budget["examples_per_task"]
-        return f"defaults; {n} {kind} examples per task" if n else "defaults; no data"
+        shown = f"defaults; {n} {kind} examples per task" if n else "defaults; no data"
+        total, dense = row.get("params_total"), row.get("params_dense")
+        if total and dense and total != dense:
+            shown += f"; stores {total / dense:.3f}x the dense parameters"
+        return shown
     return _fmt_params(row.get("params"))
 
 
@@ -76,7 +80,7 @@ def results_table(results: Mapping[str, Any]) -> Table:
             *cells,
             f"{100 * row['avg']:.1f}",
             f"{100 * row['normalized_avg']:.1f}",
-            _fmt_params(row.get("params")),
+            _shown_params(row),
             seconds,
             style=style,
             end_section=i == n_base - 1,
@@ -199,7 +203,7 @@ def _table_html(results: Mapping[str, Any]) -> str:
         body.append(
             f"<tr{cls}><td>{html.escape(row['method'])}</td>{''.join(cells)}"
             f"<td><b>{100 * row['avg']:.1f}</b></td><td>{100 * row['normalized_avg']:.1f}</td>"
-            f"<td>{html.escape(_fmt_params(row.get('params')))}</td><td>{seconds}</td></tr>"
+            f"<td>{html.escape(_shown_params(row))}</td><td>{seconds}</td></tr>"
         )
     for skip in results.get("skipped", []):
         body.append(
