@@ -240,3 +240,17 @@ def test_consensus_sum_tie_elects_plus_and_zeros_never_agree():
 def test_weighted_sum_hand_case():
     x = torch.tensor([[1.0, 2.0], [3.0, -4.0], [0.5, 0.0]])
     assert weighted_sum(x, torch.tensor([2.0, -1.0, 4.0])).tolist() == [1.0, 8.0]
+
+
+def test_uniform_is_seeded_uniform_and_advances_its_generator():
+    from unimerge.methods._primitives import uniform_
+
+    a = uniform_(torch.empty(200_000), torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    assert torch.equal(uniform_(torch.empty(200_000), g), a)  # same seed, same samples
+    assert not torch.equal(uniform_(torch.empty(200_000), g), a)  # the generator moved on
+    assert 0.0 <= float(a.min()) and float(a.max()) < 1.0
+    for p in (0.1, 0.5, 0.9):  # P(u < p) = p within 5 standard deviations
+        assert abs(float((a < p).float().mean()) - p) < 5 * (p * (1 - p) / a.numel()) ** 0.5
+    strided = torch.empty(4, 6)[:, ::2]  # not contiguous: torch.rand fills it
+    assert uniform_(strided, torch.Generator().manual_seed(0)).shape == (4, 3)

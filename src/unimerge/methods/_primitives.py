@@ -31,6 +31,7 @@ __all__ = [
     "expand_like",
     "fraction",
     "generator_for",
+    "uniform_",
     "kth_largest",
     "masked_sums",
     "rank_magnitude_probs",
@@ -285,7 +286,7 @@ def sparsify_random(
     """DARE: drop each entry with probability ``1 - density[i]``; optionally rescale (see module doc)."""
 
     def masker(i: int, xi: Tensor, scratch: Tensor) -> Tensor:
-        return torch.rand(xi.shape, generator=generator, out=scratch).lt_(fraction(density[i]))
+        return uniform_(scratch, generator).lt_(fraction(density[i]))
 
     return _sparsify(x, density, masker, rescale=rescale, norm=norm, inplace=inplace)
 
@@ -321,7 +322,7 @@ def sparsify_rank_magnitude(
 
     def masker(i: int, xi: Tensor, scratch: Tensor) -> Tensor:
         probs = rank_magnitude_probs(xi, fraction(density[i]), fraction(epsilon[i]))
-        return torch.rand(xi.shape, generator=generator, out=scratch).lt_(probs)
+        return uniform_(scratch, generator).lt_(probs)
 
     return _sparsify(x, density, masker, rescale=rescale, norm=norm, inplace=inplace)
 
@@ -445,6 +446,20 @@ def variance_over_models(x: Tensor) -> Tensor:
         torch.sub(x[i], mean, out=scratch)
         acc.addcmul_(scratch, scratch)
     return acc.div_(x.shape[0])
+
+
+def uniform_(out: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Fill ``out`` with uniform ``[0, 1)`` samples (in place) and return it.
+
+    On the CPU a float32 buffer is filled by NumPy's PCG64, seeded by one draw from ``generator``
+    (1.6x faster than ``torch.rand``'s Mersenne twister, and DARE draws one number per parameter);
+    elsewhere ``torch.rand``. Either way the samples depend only on ``generator``'s state.
+    """
+    if generator is None or out.device.type != "cpu" or out.dtype != torch.float32 or not out.is_contiguous():
+        return torch.rand(out.shape, generator=generator, out=out, device=out.device, dtype=out.dtype)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    np.random.Generator(np.random.PCG64(seed)).random(out=out.numpy().reshape(-1), dtype=np.float32)
+    return out
 
 
 def generator_for(seed: int, tensor_name: str, device: str | torch.device = "cpu") -> torch.Generator:
