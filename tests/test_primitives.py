@@ -249,7 +249,7 @@ def test_uniform_is_seeded_uniform_and_advances_its_generator():
     g = torch.Generator().manual_seed(5)
     assert torch.equal(uniform_(torch.empty(200_000), g), a)  # same seed, same samples
     assert not torch.equal(uniform_(torch.empty(200_000), g), a)  # the generator moved on
-    assert 0.0 <= float(a.min()) and float(a.max()) < 1.0
+    assert float(a.min()) >= 0.0 and float(a.max()) < 1.0
     for p in (0.1, 0.5, 0.9):  # P(u < p) = p within 5 standard deviations
         assert abs(float((a < p).float().mean()) - p) < 5 * (p * (1 - p) / a.numel()) ** 0.5
     strided = torch.empty(4, 6)[:, ::2]  # not contiguous: torch.rand fills it

@@ -29,12 +29,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from unimerge.errors import CheckpointError, ConfigError
 from unimerge.methods.frequency import FrParams, fr_merging, free_experts
-from unimerge.taskmasks import StateKind, _check, _named, _stacked_deltas, _task_index
+from unimerge.taskmasks import StateKind, _check, _named, _stacked_deltas, _task_index, save_tensors_atomic
 
 __all__ = [
     "TaskExperts",
@@ -155,11 +154,7 @@ def save_task_experts(
         "tasks": json.dumps(list(te.tasks)),
         "params": json.dumps(te.params),
     }
-    out = Path(path)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out)
-    return out.stat().st_size
+    return save_tensors_atomic(path, tensors, meta)
 
 
 def _metadata(path: str | os.PathLike) -> dict[str, str] | None:

@@ -46,6 +46,7 @@ __all__ = [
     "load_task_masks",
     "load_task_model",
     "save_task_masks",
+    "save_tensors_atomic",
     "task_state_dict",
 ]
 
@@ -199,9 +200,14 @@ def save_task_masks(
         "method": masks.method,
         "tasks": json.dumps(list(masks.tasks)),
     }
+    return save_tensors_atomic(path, tensors, meta)
+
+
+def save_tensors_atomic(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> int:
+    """Write a safetensors file through a temporary sibling renamed into place; returns its size."""
     out = Path(path)
     tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    save_file(dict(tensors), str(tmp), metadata=dict(metadata))
     os.replace(tmp, out)
     return out.stat().st_size
 

@@ -20,8 +20,8 @@ benchmark, and ``test`` is only used to report the chosen point.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
