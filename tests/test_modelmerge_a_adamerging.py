@@ -51,6 +51,9 @@ def test_task_wise_has_one_coefficient_per_task_and_returns_a_model() -> None:
     assert res.history[-1] < res.history[0]
     out = task_wise_adamerging(p, AdaMergingParams(steps=2))
     assert out.examples_used == 16 and out.labeled is False
+    lo, hi = out.details["coefficients_range"]  # reported for the benchmark's rows
+    assert 0.0 <= lo <= hi <= 1.0 and len(out.details["coefficients_per_task"]) == 2
+    assert len(out.details["entropy_first_last"]) == 2
     assert layer_wise_adamerging(p, AdaMergingParams(steps=1)).module is not p.base
 
 

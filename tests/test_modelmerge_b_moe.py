@@ -237,6 +237,10 @@ def test_wemoe_method_runs_and_routes_per_example() -> None:
         both = merged.module(x)
         one = merged.module(x[:1])
     assert torch.allclose(both[:1], one, atol=1e-5)  # each example has its own weights
+    routing = merged.details["routing_mean_per_task"]  # what the routers learned, for reports
+    assert set(routing) == {t.name for t in problem.tasks}
+    assert all(len(w) == len(problem.experts) for w in routing.values())
+    assert len(merged.details["entropy_first_last"]) == 2
 
 
 # ---------------------------------------------------------------- Twin-Merging
