@@ -210,7 +210,7 @@ class CartParams(BaseModel):
     family="subspace",
     needs_base=True,
     paper="https://arxiv.org/abs/2412.12153",
-    grid={"rank_fraction": (0.08, 0.12, 0.16), "lambda": (1.0, 2.0, 3.0)},
+    grid={"rank_fraction": (0.08, 0.12, 0.16), "lambda": (1.0, 2.0, 4.0, 6.0, 8.0, 10.0)},
 )
 def cart(x: Tensor, params: CartParams, per_model: Mapping[str, Tensor], *, base, generator) -> Tensor:
     """CART: mean task vector + lambda * sum of low-rank centred task vectors."""
