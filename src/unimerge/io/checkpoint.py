@@ -14,7 +14,6 @@ bytes are then read with ``os.preadv`` at the checked offsets, straight into the
 from __future__ import annotations
 
 import abc
-import dataclasses
 import json
 import math
 import os
@@ -153,15 +152,13 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict[str
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _bad(path, "__metadata__ is not a mapping of strings")
     entries = {name: _check_entry(path, name, e) for name, e in header.items()}
-    metas: dict[str, tuple[TensorMeta, int]] = {}
-    pos = 0
+    metas, pos = {}, 0
     for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2:]):
         if begin != pos:
             raise _bad(path, f"data_offsets start at {begin}, expected {pos} (gap or overlap)", name)
         pos = end
-        metas[name] = (TensorMeta(name, shape, dtype, path, end - begin), begin)
+        metas[name] = TensorMeta(name, shape, dtype, path, end - begin, offset=8 + n + begin)
     data = size - 8 - n
-    metas = {k: dataclasses.replace(m, offset=8 + n + off) for k, (m, off) in metas.items()}
     if pos > data:
         raise _bad(
             path, f"header claims {pos} bytes of tensor data but the file holds {data}: it is truncated"
