@@ -81,10 +81,13 @@ def _as_config(config: MergeConfig | str | Path | Mapping[str, Any]) -> tuple[Me
 
 
 def plan_config(config: MergeConfig | str | Path | Mapping[str, Any], out_dir: str | Path,
-                *, allow_pickle: bool = False) -> MergePlan:
-    """Validate a config and plan it against the inputs' headers (no tensor data is read)."""
+                *, allow_pickle: bool = False, config_dir: Path | None = None) -> MergePlan:
+    """Validate a config and plan it against the inputs' headers (no tensor data is read).
+
+    ``config_dir`` resolves relative paths of an already parsed config (a YAML path brings its own).
+    """
     cfg, cdir = _as_config(config)
-    return make_plan(cfg, Path(out_dir), config_dir=cdir, allow_pickle=allow_pickle)
+    return make_plan(cfg, Path(out_dir), config_dir=cdir or config_dir, allow_pickle=allow_pickle)
 
 
 class _Runner:
@@ -256,5 +259,5 @@ def run_merge(config: MergeConfig | str | Path | Mapping[str, Any], out_dir: str
 
         report = (lambda _what, done, total: progress(done, total)) if progress else None
         return run_data_merge(cfg, out_dir, options, config_dir=cdir, progress=report)
-    plan = plan_config(config, out_dir, allow_pickle=options.allow_pickle)
+    plan = plan_config(cfg, out_dir, allow_pickle=options.allow_pickle, config_dir=cdir)
     return run_plan(plan, out_dir, options, progress)

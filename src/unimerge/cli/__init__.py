@@ -84,7 +84,7 @@ def merge(
         cfg = load_config(config)
         if cfg.data is not None:
             return _data_merge(cfg, config, output_dir, opts)
-        plan = plan_config(config, output_dir, allow_pickle=allow_pickle)
+        plan = plan_config(cfg, output_dir, allow_pickle=allow_pickle, config_dir=config.resolve().parent)
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=_err, transient=True) as bar:
             task = bar.add_task(f"merging ({plan.method.name})", total=len(plan.jobs))
@@ -128,10 +128,12 @@ def validate(
     from unimerge.config import load_config
     from unimerge.execute import plan_config
 
-    if _guard(lambda: load_config(config)).data is not None:
-        _validate_data(config, output_dir, allow_pickle)
+    cfg = _guard(lambda: load_config(config))
+    if cfg.data is not None:
+        _validate_data(cfg, config, output_dir, allow_pickle)
         return
-    plan = _guard(lambda: plan_config(config, output_dir, allow_pickle=allow_pickle))
+    cdir = config.resolve().parent
+    plan = _guard(lambda: plan_config(cfg, output_dir, allow_pickle=allow_pickle, config_dir=cdir))
     s = plan.summary(threads)
     table = Table(title=f"{config}: OK", show_header=False)
     table.add_row("method", f"{plan.method.name} ({plan.method.family})")
@@ -144,11 +146,11 @@ def validate(
     _out.print(table)
 
 
-def _validate_data(config: Path, output_dir: Path, allow_pickle: bool) -> None:
+def _validate_data(cfg: Any, config: Path, output_dir: Path, allow_pickle: bool) -> None:
     """A config with `data:`: every check short of a forward pass; models, tasks, sidecars."""
     from unimerge.datamerge.run import describe
 
-    rows = _guard(lambda: describe(config, output_dir, allow_pickle=allow_pickle))
+    rows = _guard(lambda: describe(cfg, config.resolve().parent, output_dir, allow_pickle=allow_pickle))
     table = Table(title=f"{config}: OK", show_header=False)
     for key, value in rows:
         table.add_row(key, value)

@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from unimerge.cache import sha256_file
-from unimerge.config import MergeConfig, load_config, method_params
+from unimerge.config import MergeConfig, method_params
 from unimerge.datamerge.data import TaskPlan, TextTask, load_task, plan_tasks
 from unimerge.datamerge.models import (
     Body,
@@ -378,12 +378,13 @@ def run_data_merge(
     return MergeResult(out, tensors, nbytes, time.perf_counter() - start)
 
 
-def describe(config: str | Path, out_dir: str | Path, *, allow_pickle: bool = False) -> list[tuple[str, str]]:
+def describe(
+    cfg: MergeConfig, config_dir: Path | None, out_dir: str | Path, *, allow_pickle: bool = False
+) -> list[tuple[str, str]]:
     """Check a data-aware config as far as a merge would before its first forward pass; returns
-    ``(label, value)`` rows: method, base, each model's task and data, each sidecar's state."""
-    path = Path(config)
-    cfg = load_config(path)
-    s = prepare(cfg, Path(out_dir), RunOptions(force=True, allow_pickle=allow_pickle), path.resolve().parent)
+    ``(label, value)`` rows: method, base, each model's task and data, each sidecar's state.
+    ``config_dir`` resolves the config's relative paths."""
+    s = prepare(cfg, Path(out_dir), RunOptions(force=True, allow_pickle=allow_pickle), config_dir)
     assert cfg.data is not None
     rows = [
         ("method", f"{s.info.name} ({s.info.data} data, budget {cfg.data.budget} per task)"),
