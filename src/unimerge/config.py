@@ -59,6 +59,7 @@ __all__ = [
     "SourceSpec",
     "check_data_path",
     "evaluate_setting",
+    "dump_config",
     "load_config",
     "method_params",
 ]
@@ -397,3 +398,10 @@ def load_config(path: str | Path) -> MergeConfig:
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
     return parse_config(data, p)
+
+
+def dump_config(cfg: MergeConfig) -> str:
+    """``cfg`` as YAML with only what was set (written next to a merge's output)."""
+    dump = cfg.model_dump(exclude_none=True, exclude_defaults=True)
+    dump["merge_method"] = cfg.merge_method
+    return yaml.safe_dump(dump, sort_keys=False)

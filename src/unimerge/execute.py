@@ -11,7 +11,6 @@ streams the inputs again, before the merge pass.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -22,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor
 
-from unimerge.config import MergeConfig, load_config, parse_config
+from unimerge.config import MergeConfig, dump_config, load_config, parse_config
 from unimerge.core import merge_stacked, stack_buffer, stack_per_model, to_method_input
 from unimerge.errors import ConfigError, MergeError
 from unimerge.io.checkpoint import sha256_file
-from unimerge.io.writer import TOKENIZER_FILES, OutTensor, ShardedWriter, copy_model_files
+from unimerge.io.writer import OutTensor, ShardedWriter, write_model_files
 from unimerge.methods._primitives import generator_for
 from unimerge.modelcard import model_card
 from unimerge.plan import MergePlan, TensorJob, make_plan
@@ -197,19 +195,13 @@ def _hash_inputs(plan: MergePlan, pool: ThreadPoolExecutor) -> dict[str, Future[
 
 
 def _write_metadata(plan: MergePlan, writer: ShardedWriter, hashes: Mapping[str, str]) -> None:
-    copied = copy_model_files(plan.meta_root, writer)
-    if plan.tokenizer_root != plan.meta_root:
-        copy_model_files(plan.tokenizer_root, writer, TOKENIZER_FILES)
-    if "config.json" in copied and (plan.num_layers_out or plan.config.out_dtype or plan.config.dtype):
-        cfg = json.loads((plan.meta_root / "config.json").read_text(encoding="utf-8"))
-        if plan.num_layers_out:
-            cfg["num_hidden_layers"] = plan.num_layers_out
-        if plan.config.out_dtype or plan.config.dtype:
-            cfg["torch_dtype"] = plan.config.out_dtype or plan.config.dtype
-        writer.write_text("config.json", json.dumps(cfg, indent=2) + "\n")
-    dump = plan.config.model_dump(exclude_none=True, exclude_defaults=True)
-    dump["merge_method"] = plan.config.merge_method
-    writer.write_text("unimerge_config.yaml", yaml.safe_dump(dump, sort_keys=False))
+    updates: dict[str, Any] = {}
+    if plan.num_layers_out:
+        updates["num_hidden_layers"] = plan.num_layers_out
+    if plan.config.out_dtype or plan.config.dtype:
+        updates["torch_dtype"] = plan.config.out_dtype or plan.config.dtype
+    write_model_files(writer, plan.meta_root, plan.tokenizer_root, updates)
+    writer.write_text("unimerge_config.yaml", dump_config(plan.config))
     writer.write_text("README.md", model_card(plan, hashes))
 
 

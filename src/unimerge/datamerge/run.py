@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from pydantic import BaseModel
 from torch import nn
 
 from unimerge.cache import sha256_file
-from unimerge.config import MergeConfig, method_params
+from unimerge.config import MergeConfig, dump_config, method_params
 from unimerge.datamerge.data import TaskPlan, TextTask, load_task, plan_tasks
 from unimerge.datamerge.models import (
     Body,
@@ -243,12 +242,6 @@ def prepare(cfg: MergeConfig, out: Path, options: RunOptions, config_dir: Path |
     )  # fmt: skip
 
 
-def _config_yaml(cfg: MergeConfig) -> str:
-    dump = cfg.model_dump(exclude_none=True, exclude_defaults=True)
-    dump["merge_method"] = cfg.merge_method
-    return yaml.safe_dump(dump, sort_keys=False)
-
-
 def _readme(s: Setup, computed: Sequence[bool]) -> str:
     data = s.config.data
     assert data is not None
@@ -293,7 +286,7 @@ def _run_streaming(s: Setup, out: Path, options: RunOptions, report: Report | No
     inp = StreamInputs(
         s.info.name, s.params, s.weights, s.experts, s.maps, [j.path for j in jobs], s.base, entries
     )
-    files = OutputFiles(s.base.folder, s.tokenizer_root, _config_yaml(s.config), _readme(s, computed), dtype)
+    files = OutputFiles(s.base.folder, s.tokenizer_root, dump_config(s.config), _readme(s, computed), dtype)
     return stream_merge(
         inp, out, files, shard_bytes=options.out_shard_size, force=options.force, report=report
     )
@@ -345,7 +338,7 @@ def _run_in_memory(s: Setup, out: Path, options: RunOptions, report: Report | No
         for name in TOKENIZER_FILES:
             if (s.tokenizer_root / name).is_file():
                 shutil.copyfile(s.tokenizer_root / name, tmp / name)
-        (tmp / "unimerge_config.yaml").write_text(_config_yaml(s.config), encoding="utf-8")
+        (tmp / "unimerge_config.yaml").write_text(dump_config(s.config), encoding="utf-8")
     metas, _ = read_safetensors_header(out / "model.safetensors")
     return len(metas), sum(m.nbytes for m in metas.values())
 

@@ -19,7 +19,6 @@ on, as the in-memory method does. Memory is one tensor per expert and sidecar.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,8 +29,8 @@ from pydantic import BaseModel
 from torch import Tensor
 
 from unimerge.datamerge.models import ModelRef
-from unimerge.io import Checkpoint, OutTensor, ShardedWriter, copy_model_files, open_checkpoint
-from unimerge.io.writer import TOKENIZER_FILES
+from unimerge.io import Checkpoint, OutTensor, ShardedWriter, open_checkpoint
+from unimerge.io.writer import write_model_files
 from unimerge.modelmerge._stats import varying_names
 from unimerge.modelmerge.fisher import fisher_state_dict
 from unimerge.modelmerge.regmean import regmean_state_dict
@@ -157,13 +156,8 @@ def _tensor(
 
 
 def _write_files(writer: ShardedWriter, files: OutputFiles) -> None:
-    copied = copy_model_files(files.meta_root, writer)
-    if files.tokenizer_root != files.meta_root:
-        copy_model_files(files.tokenizer_root, writer, TOKENIZER_FILES)
-    if files.dtype and "config.json" in copied:
-        cfg = json.loads((files.meta_root / "config.json").read_text(encoding="utf-8"))
-        cfg["torch_dtype"] = files.dtype
-        writer.write_text("config.json", json.dumps(cfg, indent=2) + "\n")
+    updates = {"torch_dtype": files.dtype} if files.dtype else {}
+    write_model_files(writer, files.meta_root, files.tokenizer_root, updates)
     writer.write_text("unimerge_config.yaml", files.config_yaml)
     writer.write_text("README.md", files.readme)
 

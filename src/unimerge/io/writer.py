@@ -21,16 +21,25 @@ import shutil
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from unimerge.errors import MergeError
 from unimerge.io.checkpoint import SAFETENSORS_DTYPES
 
-__all__ = ["MODEL_FILES", "TOKENIZER_FILES", "OutTensor", "ShardedWriter", "copy_model_files", "parse_size"]
+__all__ = [
+    "MODEL_FILES",
+    "TOKENIZER_FILES",
+    "OutTensor",
+    "ShardedWriter",
+    "copy_model_files",
+    "parse_size",
+    "write_model_files",
+]
 
 _DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
@@ -403,6 +412,19 @@ def copy_model_files(src_root: Path, writer: ShardedWriter, names: Sequence[str]
             writer.copy_file(src, name)
             copied.append(name)
     return copied
+
+
+def write_model_files(
+    writer: ShardedWriter, meta_root: Path, tokenizer_root: Path, config_updates: Mapping[str, Any]
+) -> None:
+    """Copy the config, generation config and tokenizer files of ``meta_root`` (the tokenizer files of
+    ``tokenizer_root`` over them when it differs), with ``config_updates`` applied to ``config.json``."""
+    copied = copy_model_files(meta_root, writer)
+    if tokenizer_root != meta_root:
+        copy_model_files(tokenizer_root, writer, TOKENIZER_FILES)
+    if config_updates and "config.json" in copied:
+        cfg = json.loads((Path(meta_root) / "config.json").read_text(encoding="utf-8"))
+        writer.write_text("config.json", json.dumps({**cfg, **config_updates}, indent=2) + "\n")
 
 
 _UNITS = {
