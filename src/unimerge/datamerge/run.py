@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import os
 import shutil
 import tempfile
 import time
@@ -62,9 +61,9 @@ from unimerge.datamerge.sidecars import (
 )
 from unimerge.datamerge.stream import OutputFiles, StreamInputs, layout, stream_merge
 from unimerge.errors import CheckpointError, ConfigError, MergeError
-from unimerge.execute import MergeResult, RunOptions
+from unimerge.execute import MergeResult, RunOptions, _device
 from unimerge.io import read_safetensors_header
-from unimerge.io.writer import TOKENIZER_FILES
+from unimerge.io.writer import TOKENIZER_FILES, swap_into_place
 from unimerge.methods import MethodInfo
 from unimerge.modelmerge import MergeProblem
 from unimerge.modelmerge._stats import load_state
@@ -98,15 +97,6 @@ class Setup:
     tokenizer_digest: str
     seed: int
     device: torch.device
-
-
-def _device(name: str) -> torch.device:
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "--device cuda was asked for, but this machine has no CUDA device; use --device cpu."
-        )
-    return dev
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -300,13 +290,7 @@ def _atomic_folder(out: Path, force: bool) -> Iterator[Path]:
     try:
         yield tmp
         _check_out(out, force)
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "dir")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

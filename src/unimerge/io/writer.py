@@ -38,6 +38,7 @@ __all__ = [
     "ShardedWriter",
     "copy_model_files",
     "parse_size",
+    "swap_into_place",
     "write_model_files",
 ]
 
@@ -321,22 +322,6 @@ class ShardedWriter:
                 _fsync_path(path)
         _fsync_path(self._tmp)
 
-    def _swap_into_place(self) -> None:
-        old = None
-        if self.out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent))
-            os.replace(self.out_dir, old / "dir")
-        try:
-            os.replace(self._tmp, self.out_dir)
-        except OSError:
-            if old is not None:
-                os.replace(old / "dir", self.out_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            raise
-        _fsync_path(self.out_dir.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
     def commit(self) -> None:
         """Check every tensor was written, fsync, and rename the temp folder to ``out_dir``.
 
@@ -359,7 +344,7 @@ class ShardedWriter:
             )
         try:
             self._finish_files()
-            self._swap_into_place()
+            swap_into_place(self._tmp, self.out_dir)
         except OSError as err:
             self.abort()
             raise self._os_error(err, self._tmp) from None
@@ -392,6 +377,25 @@ class ShardedWriter:
             self.abort()
         elif self._state == "open":
             self.commit()
+
+
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``out``; an existing ``out`` is moved aside first and
+    restored if the rename fails, then removed."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "dir")
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old / "dir", out)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    _fsync_path(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_path(path: Path) -> None:
