@@ -31,7 +31,6 @@ __all__ = [
     "expand_like",
     "fraction",
     "generator_for",
-    "uniform_",
     "kth_largest",
     "masked_sums",
     "rank_magnitude_probs",
@@ -39,9 +38,10 @@ __all__ = [
     "sparsify_breadcrumbs",
     "sparsify_magnitude",
     "sparsify_random",
-    "sparsify_threshold",
     "sparsify_rank_magnitude",
+    "sparsify_threshold",
     "topk_mask",
+    "uniform_",
     "variance_over_models",
     "weighted_sum",
 ]
@@ -180,7 +180,7 @@ def _norm(t: Tensor, norm: RescaleNorm) -> Tensor:
 
 def _rescale(masked: Tensor, before: Tensor | None, norm: RescaleNorm, density: float) -> Tensor:
     """:func:`rescale_to_norm` given the original's norm ``before`` (unused for ``density``)."""
-    if norm == "density" or before is None:
+    if before is None:  # norm == "density"
         return masked.div_(density)
     after = _norm(masked, norm)
     if before < _EPS or after < _EPS:
@@ -236,7 +236,13 @@ def sparsify_magnitude(
 
 
 def sparsify_threshold(
-    x: Tensor, density: Tensor, threshold: Tensor, *, rescale: bool = False, norm: RescaleNorm = "l1", inplace: bool = False
+    x: Tensor,
+    density: Tensor,
+    threshold: Tensor,
+    *,
+    rescale: bool = False,
+    norm: RescaleNorm = "l1",
+    inplace: bool = False,
 ) -> Tensor:
     """Keep the entries of each ``x[i]`` with ``|x| >= threshold[i]`` (TIES trim with a whole-model
     threshold from :func:`unimerge.methods._global.global_magnitude_threshold`)."""
@@ -265,7 +271,13 @@ def breadcrumbs_mask(x: Tensor, density: float, gamma: float) -> Tensor:
 
 
 def sparsify_breadcrumbs(
-    x: Tensor, density: Tensor, gamma: Tensor, *, rescale: bool = False, norm: RescaleNorm = "l1", inplace: bool = False
+    x: Tensor,
+    density: Tensor,
+    gamma: Tensor,
+    *,
+    rescale: bool = False,
+    norm: RescaleNorm = "l1",
+    inplace: bool = False,
 ) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2024) on each model: ``(n, *shape)``."""
 
@@ -281,7 +293,8 @@ def sparsify_random(
     *,
     rescale: bool,
     generator: torch.Generator | None,
-    norm: RescaleNorm = "density", inplace: bool = False,
+    norm: RescaleNorm = "density",
+    inplace: bool = False,
 ) -> Tensor:
     """DARE: drop each entry with probability ``1 - density[i]``; optionally rescale (see module doc)."""
 
@@ -316,7 +329,8 @@ def sparsify_rank_magnitude(
     *,
     rescale: bool,
     generator: torch.Generator | None,
-    norm: RescaleNorm = "l1", inplace: bool = False,
+    norm: RescaleNorm = "l1",
+    inplace: bool = False,
 ) -> Tensor:
     """DELLA MagPrune (Deep et al. 2024): drop entries at random, larger magnitudes kept more often."""
 
