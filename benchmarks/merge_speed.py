@@ -7,7 +7,9 @@ present. Then, each in a fresh subprocess so that peak RSS is per run, it times:
 - the I/O floor: read every input tensor with ``safetensors`` and write one output of the same size
   (``save_file`` per output shard, then ``fsync``, as unimerge's writer does);
 - unimerge's ``linear``, ``ties``, ``dare_ties`` (base + 3 experts) and ``slerp`` (base + 1 expert,
-  compared with a floor over the same two inputs) through :func:`unimerge.execute.run_merge`;
+  compared with a floor over the same two inputs), each as the command a user runs, ``python -m
+  unimerge merge CONFIG OUT``: its process time (start to exit) is compared with mergekit's, and the
+  merge time it prints (planned merge to committed output) with the floor;
 - with ``--vs-mergekit``, ``mergekit-yaml`` on the very same YAML config.
 
 Each method runs right after a floor over the same inputs and its ratio is taken against that floor,
@@ -119,22 +121,9 @@ def child_floor(inputs: list[str], out: str) -> float:
     return time.perf_counter() - start
 
 
-def child_merge(config: str, out: str, threads: int) -> float:
-    """``run_merge`` as ``unimerge merge CONFIG OUT --threads N --out-shard-size 1GB`` runs it."""
-    from unimerge.execute import RunOptions, run_merge
-
-    start = time.perf_counter()
-    run_merge(config, out, RunOptions(threads=threads, out_shard_size=SHARD_BYTES, seed=0))
-    return time.perf_counter() - start
-
-
 def child_main(argv: list[str]) -> None:
-    kind, payload = argv[0], json.loads(argv[1])
-    if kind == "floor":
-        seconds = child_floor(payload["inputs"], payload["out"])
-    else:
-        seconds = child_merge(payload["config"], payload["out"], payload["threads"])
-    print(json.dumps({"inner_s": seconds}))
+    payload = json.loads(argv[0])
+    print(json.dumps({"inner_s": child_floor(payload["inputs"], payload["out"])}))
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -164,6 +153,10 @@ def _poll_anon(pid: int, stop: threading.Event, peak: list[int]) -> None:
         stop.wait(0.02)
 
 
+# The inner time each kind of process reports: the floor as JSON, `unimerge merge` on its last line.
+INNER = re.compile(r'^\{"inner_s": ([0-9.e+-]+)\}$|^wrote .* in ([0-9.]+) s$', re.MULTILINE)
+
+
 def measure(label: str, cmd: list[str]) -> Run:
     """Run ``cmd`` in a fresh process: wall time, its own peak RSS (``wait4``) and its peak RssAnon."""
     with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
@@ -183,8 +176,8 @@ def measure(label: str, cmd: list[str]) -> Run:
     if code != 0:
         tail = "\n".join(err.strip().splitlines()[-15:])
         raise SystemExit(f"{label} failed (exit {code}): {' '.join(cmd)}\n{tail}")
-    inner = next((json.loads(ln)["inner_s"] for ln in reversed(out.splitlines()) if ln.startswith('{"inner_s"')),
-                 None)  # fmt: skip
+    found = INNER.findall(out)
+    inner = float(next(v for v in found[-1] if v)) if found else None
     return Run(label, wall, inner, usage.ru_maxrss * 1024 / MB, peak[0] * 1024 / MB)
 
 
@@ -229,9 +222,9 @@ class Bench:
         path.write_text(yaml.safe_dump(merge_config(method, self.models), sort_keys=False))
         return path
 
-    def _child(self, label: str, kind: str, payload: dict[str, Any]) -> Run:
-        run = measure(label, [sys.executable, __file__, "_child", kind, json.dumps(payload)])
-        shutil.rmtree(payload["out"], ignore_errors=True)
+    def _child(self, label: str, cmd: list[str], out: Path) -> Run:
+        run = measure(label, cmd)
+        shutil.rmtree(out, ignore_errors=True)
         self.runs.append(run)
         print(
             f"  {label:<16} {run.inner_s:7.2f} s  (process {run.wall_s:6.2f} s, peak RSS "
@@ -241,12 +234,15 @@ class Bench:
         return run
 
     def floor(self, n: int) -> Run:
-        inputs = [str(m) for m in self.models[:n]]
-        return self._child(f"floor/{n}", "floor", {"inputs": inputs, "out": str(self._out())})
+        out = self._out()
+        payload = {"inputs": [str(m) for m in self.models[:n]], "out": str(out)}
+        return self._child(f"floor/{n}", [sys.executable, __file__, "_child", json.dumps(payload)], out)
 
     def unimerge(self, method: str) -> Run:
-        payload = {"config": str(self._config(method)), "out": str(self._out()), "threads": self.threads}
-        return self._child(method, "merge", payload)
+        out = self._out()
+        cmd = [sys.executable, "-m", "unimerge", "merge", str(self._config(method)), str(out), "--threads",
+               str(self.threads), "--out-shard-size", str(SHARD_BYTES), "--seed", "0"]  # fmt: skip
+        return self._child(method, cmd, out)
 
     def mergekit_run(self, method: str) -> Run:
         out = self._out()

@@ -256,3 +256,19 @@ def test_killed_run_leaves_no_output(world) -> None:
         proc.stdout.close()  # type: ignore[union-attr]
     assert not out.exists()
     assert _digest(world["e1"]) == before
+
+
+def test_python_m_unimerge_runs_the_command_through_main(world) -> None:
+    """The console script's path (`main`: huge pages, GC paused for the torch import, frozen at exit)
+    merges, and a bad input still exits 2 with one paragraph and no traceback."""
+    import subprocess
+    import sys
+
+    cfg, out = _write_cfg(world), world["root"] / "out"
+    ok = subprocess.run([sys.executable, "-m", "unimerge", "merge", str(cfg), str(out), "--seed", "0"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("wrote ") and (out / "model.safetensors").is_file()
+    bad = subprocess.run([sys.executable, "-m", "unimerge", "merge", str(world["root"] / "missing.yaml"),
+                          str(world["root"] / "out2")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "missing.yaml" in bad.stderr

@@ -9,17 +9,38 @@ The public surface is :data:`__all__` (checked by ``tests/test_public_api.py``):
   (see :mod:`unimerge.modelmerge`); :func:`save_merged` / :func:`load` for routed models;
 - the method registry: :func:`list_methods`, :func:`get_method`, :func:`register_method`;
 - errors: :class:`UnimergeError` and its subclasses.
+
+Names are imported on first use (PEP 562, as SciPy does), so ``import unimerge.cli`` does not pay
+for torch until a command needs it; :func:`unimerge.cli.main` uses that to import torch with the
+garbage collector paused.
 """
 
-from unimerge.config import MergeConfig, load_config
-from unimerge.core import merge_state_dicts
-from unimerge.errors import CheckpointError, ConfigError, MergeError, PlanError, UnimergeError
-from unimerge.execute import MergeResult, RunOptions, plan_config, run_merge
-from unimerge.methods import MethodInfo, get_method, list_methods, register_method
-from unimerge.modelmerge import MergedModel, MergeProblem
-from unimerge.modelmerge.load import load, load_merged, save_merged
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from unimerge.config import MergeConfig, load_config
+    from unimerge.core import merge_state_dicts
+    from unimerge.errors import CheckpointError, ConfigError, MergeError, PlanError, UnimergeError
+    from unimerge.execute import MergeResult, RunOptions, plan_config, run_merge
+    from unimerge.methods import MethodInfo, get_method, list_methods, register_method
+    from unimerge.modelmerge import MergedModel, MergeProblem
+    from unimerge.modelmerge.load import load, load_merged, save_merged
 
 __version__ = "0.1.0"
+
+_SOURCES = {
+    "unimerge.config": ("MergeConfig", "load_config"),
+    "unimerge.core": ("merge_state_dicts",),
+    "unimerge.errors": ("CheckpointError", "ConfigError", "MergeError", "PlanError", "UnimergeError"),
+    "unimerge.execute": ("MergeResult", "RunOptions", "plan_config", "run_merge"),
+    "unimerge.methods": ("MethodInfo", "get_method", "list_methods", "register_method"),
+    "unimerge.modelmerge": ("MergedModel", "MergeProblem"),
+    "unimerge.modelmerge.load": ("load", "load_merged", "save_merged"),
+}
+_MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}  # == __all__ (tested)
 
 __all__ = [
     "CheckpointError",
@@ -44,3 +65,16 @@ __all__ = [
     "run_merge",
     "save_merged",
 ]
+
+
+def __getattr__(name: str) -> object:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'unimerge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["masks", "task"]
 
 
-class _LazyState(Mapping[str, Tensor]):
+class _LazyState(Mapping[str, "Tensor"]):  # torch is imported when a command runs
     """A checkpoint as a read-on-access state dict (tensors are read one at a time)."""
 
     def __init__(self, ck) -> None:  # noqa: ANN001 - a unimerge.io.checkpoint.Checkpoint

@@ -1,0 +1,5 @@
+"""``python -m unimerge``: the ``unimerge`` command."""
+
+from unimerge.cli import main
+
+main()
