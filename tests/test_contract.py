@@ -46,6 +46,25 @@ def test_copies_of_one_model_return_it(method: str) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_results_own_their_memory_and_inputs_are_untouched(method: str) -> None:
+    """Methods may overwrite their stacked input, and may return a row of it; the in-memory API
+    hands back tensors that hold only themselves (not the n-model stack) and never writes the
+    caller's state dicts."""
+    base, experts = _state(0), [_state(1), _state(2)]
+    before = [{k: v.clone() for k, v in sd.items()} for sd in (base, *experts)]
+    try:
+        out = merge_state_dicts(method, experts, base, seed=0)
+    except ConfigError:  # one-other-model methods
+        experts = experts[:1]
+        out = merge_state_dicts(method, experts, base, seed=0)
+    for k, v in out.items():
+        assert v.untyped_storage().nbytes() == v.nbytes, (method, k)
+    for sd, old in zip((base, *experts), before, strict=False):
+        for k in sd:
+            assert torch.equal(sd[k], old[k]), (method, k)
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_shape_and_dtype_preserved(method: str, dtype: torch.dtype) -> None:
     base, expert = _state(0, dtype), _state(1, dtype)

@@ -341,3 +341,15 @@ def test_registry_entries():
     assert info["slerp"].grid == {"t": (0.3, 0.5, 0.7)}
     assert info["karcher"].param_schema()["max_iter"]["default"] == 10
     assert info["nuslerp"].param_schema()["nuslerp_flatten"]["default"] is True
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
+def test_slerp_pair_into_v1_equals_a_fresh_result(t: float) -> None:
+    g = torch.Generator().manual_seed(3)
+    v0, v1 = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    expected = slerp_pair(t, v0, v1)
+    got = slerp_pair(t, v0, v1.clone(), out=None)
+    into = v1.clone()
+    assert slerp_pair(t, v0, into, out=into) is into
+    torch.testing.assert_close(into, expected, rtol=0, atol=0)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

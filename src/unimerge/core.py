@@ -103,7 +103,8 @@ def merge_tensor(
     ref = base if base is not None else tensors[0]
     if not ref.is_floating_point():
         return ref.clone()
-    return merge_stacked(info, _stack(tensors, ref, device), base, params, per_model, generator=generator)
+    out = merge_stacked(info, _stack(tensors, ref, device), base, params, per_model, generator=generator)
+    return out.clone() if out.untyped_storage().nbytes() > out.nbytes else out  # a row of x would keep all n alive
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -145,9 +146,9 @@ def merge_stacked(
     out = info.fn(x, params, per_model, base=b, generator=generator)
     if info.inputs != "deltas" or b is None:
         return out
-    if _shares_memory(out, x) or _shares_memory(out, b):
+    if _shares_memory(out, b):  # the base may be the caller's tensor: never written
         return out + b
-    return out.add_(b)
+    return out.add_(b)  # out is new or a row of x, which is consumed
 
 
 def _shares_memory(a: Tensor, b: Tensor) -> bool:

@@ -61,14 +61,15 @@ def expand_like(v: Tensor, x: Tensor) -> Tensor:
     return v.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
 
-def weighted_sum(x: Tensor, weights: Tensor) -> Tensor:
-    """``sum_i w_i x_i``: ``(n, *shape), (n,) -> (*shape)``.
+def weighted_sum(x: Tensor, weights: Tensor, *, out: Tensor | None = None) -> Tensor:
+    """``sum_i w_i x_i``: ``(n, *shape), (n,) -> (*shape)``, into ``out`` when given (``x[0]`` may be it).
 
     A loop of in-place ``add_`` rather than ``tensordot``: BLAS packs a copy of ``x`` for the
     ``(1, n) @ (n, m)`` product (measured: ``+ n x`` the tensor's bytes at peak), the loop needs only the result.
+    A method that owns ``x`` passes ``out=x[0]``: no fresh output to allocate and first-touch.
     """
     w = [float(v) for v in weights]
-    out = torch.mul(x[0], w[0])
+    out = torch.mul(x[0], w[0], out=out)
     for i in range(1, x.shape[0]):
         out.add_(x[i], alpha=w[i])
     return out

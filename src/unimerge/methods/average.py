@@ -55,7 +55,7 @@ def linear(
         ConfigError: ``normalize`` is on and the weights sum to zero.
     """
     w = per_model["weight"]  # (n,)
-    merged = weighted_sum(x, w)  # (*shape)
+    merged = weighted_sum(x, w, out=x[0])  # (*shape); x is ours to overwrite
     if not params.normalize:
         return merged
     total = float(w.sum())

@@ -73,7 +73,13 @@ class SlerpParams(BaseModel):
 
 
 def slerp_pair(
-    t: float, v0: Tensor, v1: Tensor, *, dot_threshold: float = 0.9995, eps: float = 1e-8
+    t: float,
+    v0: Tensor,
+    v1: Tensor,
+    *,
+    dot_threshold: float = 0.9995,
+    eps: float = 1e-8,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Shoemake's SLERP of two whole tensors, as mergekit computes it.
 
@@ -88,6 +94,7 @@ def slerp_pair(
         v1: End tensor, same shape.
         dot_threshold: Colinearity threshold on ``|cos θ|``.
         eps: Norms at or below this are not normalised.
+        out: Where to write the result (may be ``v1``, not ``v0``); a new tensor when ``None``.
 
     Returns:
         The interpolated tensor, shape of ``v0``.
@@ -101,7 +108,7 @@ def slerp_pair(
         theta = math.acos(dot)
         s0 = math.sin(theta * (1 - t)) / math.sin(theta)
         s1 = math.sin(theta * t) / math.sin(theta)
-    return torch.mul(v0, s0).add_(v1, alpha=s1)
+    return torch.mul(v1, s1, out=out).add_(v0, alpha=s0)
 
 
 @register_method(
@@ -129,7 +136,7 @@ def slerp(
     _one_other_model("slerp", x)
     if base is None:
         raise ConfigError("Method 'slerp' needs a base model: set `base_model:` (the t=0 end).")
-    return slerp_pair(params.t, base, x[0])  # (*shape)
+    return slerp_pair(params.t, base, x[0], out=x[0])  # (*shape); x is ours to overwrite
 
 
 # -------------------------------------------------------------------------------------------- nuslerp

@@ -165,7 +165,7 @@ def generalized_task_arithmetic(
     if sparsifier is not None:
         weighted = sparsifier(x, per_model, rescale, generator).mul_(expand_like(w, x))  # x, (n, *shape)
     if consensus is None:
-        mixed = weighted.sum(dim=0) if weighted is not None else weighted_sum(x, w)  # (*shape)
+        mixed = weighted.sum(dim=0) if weighted is not None else weighted_sum(x, w, out=x[0])  # (*shape)
         total = float(w.sum())
         divisor: Tensor | float = 1.0 if abs(total) < 1e-8 else total
     else:
