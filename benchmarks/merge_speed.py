@@ -10,7 +10,8 @@ present. Then, each in a fresh subprocess so that peak RSS is per run, it times:
   compared with a floor over the same two inputs), each as the command a user runs, ``python -m
   unimerge merge CONFIG OUT``: its process time (start to exit) is compared with mergekit's, and the
   merge time it prints (planned merge to committed output) with the floor;
-- with ``--vs-mergekit``, ``mergekit-yaml`` on the very same YAML config.
+- with ``--vs-mergekit``, ``mergekit-yaml`` on the very same YAML config, and each tool's start-up
+  alone (``unimerge methods --json``, ``mergekit-yaml --help``).
 
 Each method runs right after a floor over the same inputs and its ratio is taken against that floor,
 so load from other processes on the machine shifts both. All runs read warm files (nothing is dropped
@@ -201,6 +202,7 @@ class Row:
     mergekit_s: float | None = None
     mergekit_rss_mb: float | None = None
     speedup: float | None = None
+    speedup_after_startup: float | None = None  # (mergekit - its start-up) / (unimerge - its start-up)
 
 
 class Bench:
@@ -249,14 +251,26 @@ class Bench:
         shard_params = str(SHARD_BYTES // 4)  # mergekit counts parameters per shard, not bytes
         cmd = [str(self.mergekit), str(self._config(method)), str(out), "--out-shard-size", shard_params,
                "--lazy-unpickle", "--no-copy-tokenizer", "--random-seed", "0", "--quiet"]  # fmt: skip
-        run = measure(f"mergekit/{method}", cmd)
-        shutil.rmtree(out, ignore_errors=True)
+        return self._timed(f"mergekit/{method}", cmd, out)
+
+    def _timed(self, label: str, cmd: list[str], out: Path | None = None) -> Run:
+        run = measure(label, cmd)
+        if out is not None:
+            shutil.rmtree(out, ignore_errors=True)
         self.runs.append(run)
         print(f"  {run.label:<16} {run.wall_s:7.2f} s  (peak RSS {run.peak_rss_mb:7.0f} MB)", file=sys.stderr)
         return run
 
+    def startup(self, repeats: int) -> tuple[float, float]:
+        """Median process times of each command doing nothing but start: ``unimerge methods --json``
+        (torch and the registry, as a merge imports them) and ``mergekit-yaml --help``."""
+        um = [self._timed("unimerge/start", [sys.executable, "-m", "unimerge", "methods", "--json"])
+              for _ in range(repeats)]  # fmt: skip
+        mk = [self._timed("mergekit/start", [str(self.mergekit), "--help"]) for _ in range(repeats)]
+        return statistics.median(r.wall_s for r in um), statistics.median(r.wall_s for r in mk)
 
-def run_method(bench: Bench, method: str, repeats: int, largest: int) -> Row:
+
+def run_method(bench: Bench, method: str, repeats: int, largest: int, startup: tuple[float, float] | None) -> Row:
     """``repeats`` x (floor over the same inputs, then the method); medians of times and ratios."""
     n = n_inputs(method)
     floors, merges = [], []
@@ -280,6 +294,8 @@ def run_method(bench: Bench, method: str, repeats: int, largest: int) -> Row:
         row.mergekit_s = statistics.median(r.wall_s for r in mk)
         row.mergekit_rss_mb = max(r.peak_rss_mb for r in mk)
         row.speedup = row.mergekit_s / row.process_s
+        if startup:
+            row.speedup_after_startup = (row.mergekit_s - startup[1]) / (row.process_s - startup[0])
     return row
 
 
@@ -297,7 +313,7 @@ def table(rows: list[Row], with_mergekit: bool) -> str:
     head = ["method", "inputs", "wall s", "floor s", "ratio", "target", "peak RSS MB", "anon RSS MB",
             "RSS bound MB"]  # fmt: skip
     if with_mergekit:
-        head += ["process s", "mergekit s", "mergekit RSS MB", "speedup"]
+        head += ["process s", "mergekit s", "mergekit RSS MB", "speedup", "speedup after start-up"]
     lines = ["| " + " | ".join(head + ["verdict"]) + " |", "|" + "---|" * (len(head) + 1)]
     for r in rows:
         cells = [r.method, str(r.n_inputs), f"{r.wall_s:.2f}", f"{r.floor_s:.2f}", f"{r.ratio:.2f}x",
@@ -305,7 +321,7 @@ def table(rows: list[Row], with_mergekit: bool) -> str:
                  f"{r.peak_anon_mb:.0f}", f"{r.rss_bound_mb:.0f}"]  # fmt: skip
         if with_mergekit:
             cells += [f"{r.process_s:.2f}", f"{r.mergekit_s:.2f}", f"{r.mergekit_rss_mb:.0f}",
-                      f"{r.speedup:.2f}x"]  # fmt: skip
+                      f"{r.speedup:.2f}x", f"{r.speedup_after_startup:.2f}x"]  # fmt: skip
         lines.append("| " + " | ".join(cells + [_verdict(r)]) + " |")
     return "\n".join(lines)
 
@@ -363,7 +379,8 @@ def main(argv: list[str]) -> None:
     bench = Bench(models, mkdir_p(work), args.threads, mergekit)
     try:
         bench.floor(4)  # warm-up: pulls every input into the page cache (not reported)
-        rows = [run_method(bench, m, args.repeats, shape.largest_bytes) for m in args.methods]
+        startup = bench.startup(max(3, args.repeats)) if mergekit else None
+        rows = [run_method(bench, m, args.repeats, shape.largest_bytes, startup) for m in args.methods]
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -371,9 +388,13 @@ def main(argv: list[str]) -> None:
         f"\n{label} parameters, {len(models)} fp32 checkpoints of {4 * shape.params / 1e9:.2f} GB, "
         f"threads={args.threads}, repeats={args.repeats}, {time.strftime('%Y-%m-%d %H:%M')}\n"
     )
+    if startup:
+        print(f"start-up (median process, a command that only starts): `unimerge methods --json` {startup[0]:.2f} s, "
+              f"`mergekit-yaml --help` {startup[1]:.2f} s\n")
     print(table(rows, mergekit is not None))
     if args.out_json:
         blob = {"params": shape.params, "shape": asdict(shape), "threads": args.threads, "repeats": args.repeats,
+                "startup_s": {"unimerge": startup[0], "mergekit": startup[1]} if startup else None,
                 "rows": [asdict(r) for r in rows], "runs": [asdict(r) for r in bench.runs],
                 "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpus": os.cpu_count()}  # fmt: skip
         args.out_json.write_text(json.dumps(blob, indent=2) + "\n")

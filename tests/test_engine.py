@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from _fixtures import load_all_tensors, make_peft_lora, make_tiny_llama
-from unimerge import merge_state_dicts
+from unimerge import PlanError, merge_state_dicts
 from unimerge.config import evaluate_setting
 from unimerge.execute import RunOptions, plan_config, run_merge
 
@@ -200,3 +200,39 @@ def test_jobs_in_flight_stay_within_the_byte_budget(models, tmp_path) -> None:
     peak[:] = [0, 0]
     _run_pool(jobs, fn, threads=4, progress=None, budget=1)  # every job over budget: one at a time
     assert peak[1] == 1
+
+
+def _with_extra(src: Path, dst: Path, extra: dict[str, torch.Tensor]) -> Path:
+    """A copy of the model folder ``src`` whose single weight file also holds ``extra``."""
+    import shutil
+
+    from _fixtures import save_sharded
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    save_sharded({**load_all_tensors(src), **extra}, dst)
+    return dst
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_integer_buffer_in_some_models_is_taken_from_the_reference(models, tmp_path, method) -> None:
+    """BERT's `embeddings.position_ids`, stored by older saves only: written from the reference
+    model (the base) with a warning; one the reference lacks is left out; merged weights are unchanged."""
+    ids = torch.arange(16).unsqueeze(0)
+    world = {**models, "base": _with_extra(models["base"], tmp_path / "base", {"embeddings.position_ids": ids}),
+             "e2": _with_extra(models["e2"], tmp_path / "e2", {"extra.step": torch.tensor([3])})}
+    names = ("e1", "e2")
+    result = run_merge(_cfg(method, world, names=names), tmp_path / "out2", RunOptions(seed=0))
+    got = load_all_tensors(tmp_path / "out2")
+    assert torch.equal(got.pop("embeddings.position_ids"), ids) and "extra.step" not in got
+    plain = run_merge(_cfg(method, models, names=names), tmp_path / "plain", RunOptions(seed=0))
+    expected = load_all_tensors(tmp_path / "plain")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    assert any("'embeddings.position_ids' is missing from" in w for w in result.warnings)
+    assert any("'extra.step' is not in" in w and "left out" in w for w in result.warnings)
+    assert not plain.warnings
+
+
+def test_float_tensor_missing_from_one_model_is_still_an_error(models, tmp_path) -> None:
+    world = {**models, "e1": _with_extra(models["e1"], tmp_path / "e1", {"extra.scale": torch.ones(3)})}
+    with pytest.raises(PlanError, match=r"extra 1 \['extra.scale'\]"):
+        plan_config(_cfg("ties", world), tmp_path / "out")

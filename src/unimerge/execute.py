@@ -232,7 +232,8 @@ def run_plan(plan: MergePlan, out_dir: str | Path, options: RunOptions = RunOpti
         for ck in plan.checkpoints:
             ck.close()
     written = sum(o.nbytes for o in outs)
-    return MergeResult(Path(out_dir), len(outs), written, time.perf_counter() - start, runner.warnings)
+    return MergeResult(Path(out_dir), len(outs), written, time.perf_counter() - start,
+                       [*plan.warnings, *runner.warnings])
 
 
 def run_merge(config: MergeConfig | str | Path | Mapping[str, Any], out_dir: str | Path,

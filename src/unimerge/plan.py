@@ -240,7 +240,7 @@ def make_plan(config: MergeConfig, out_dir: Path, *, config_dir: Path | None = N
     )
     plan = MergePlan(config, info, cks, base, [], meta_root, tok_root)
     if config.models is not None:
-        plan.jobs = _model_jobs(config, cks, index, base)
+        plan.jobs = _model_jobs(config, cks, index, base, plan.warnings)
     else:
         plan.jobs, plan.num_layers_out = _slice_jobs(config, cks, index, base)
     if info.needs_base and base is None:
@@ -256,24 +256,53 @@ def _merged_models(info: MethodInfo, specs: Sequence[ModelSpec], base_ref: str |
     return keep
 
 
-def _model_jobs(config: MergeConfig, cks: list[Checkpoint], index: dict[str, int], base: int | None) -> list[TensorJob]:
+def _model_jobs(config: MergeConfig, cks: list[Checkpoint], index: dict[str, int], base: int | None,
+                warnings: list[str]) -> list[TensorJob]:
     info = config.method
     specs = _merged_models(info, config.models or [], config.base_model)
     used = sorted({index[s.model] for s in specs} | ({base} if base is not None else set()))
     metas = [cks[i].tensors() for i in range(len(cks))]
     ref_idx = base if base is not None else index[specs[0].model]
-    _check_names([cks[i].ref for i in used], [metas[i] for i in used], used.index(ref_idx))
+    refs = [cks[i].ref for i in used]
+    partial, notes = _partial_buffers(refs, [metas[i] for i in used], used.index(ref_idx))
+    warnings.extend(notes)
+    _check_names(refs, [{k: v for k, v in metas[i].items() if k not in partial} for i in used], used.index(ref_idx))
     n_layers = 1 + max((layer_index(n) or 0 for n in metas[ref_idx]), default=0)
     resolve = _Params(config)
-    _check_shapes([(name, [(cks[i].ref, metas[i][name]) for i in used]) for name in metas[ref_idx]])
+    _check_shapes([(name, [(cks[i].ref, metas[i][name]) for i in used if name in metas[i]]) for name in metas[ref_idx]])
     jobs = []
     for name, meta in metas[ref_idx].items():
         p, pm = resolve(name, _position(name, n_layers), specs)
-        jobs.append(TensorJob(
-            name, meta.shape, _out_dtype(config, meta), tuple(Source(index[s.model], name) for s in specs),
-            Source(base, name) if base is not None and info.uses_base else None, p, pm,
-        ))
+        if name in partial:  # an integer buffer only some models store: the reference's copy
+            srcs, b = (Source(ref_idx, name),), None
+        else:
+            srcs = tuple(Source(index[s.model], name) for s in specs)
+            b = Source(base, name) if base is not None and info.uses_base else None
+        jobs.append(TensorJob(name, meta.shape, _out_dtype(config, meta), srcs, b, p, pm))
     return jobs
+
+
+def _partial_buffers(
+    refs: Sequence[str], metas: Sequence[dict[str, TensorMeta]], ref_idx: int
+) -> tuple[set[str], list[str]]:
+    """Integer tensors that only some models store, and a note on each.
+
+    Such buffers are not weights: BERT's ``embeddings.position_ids`` (``arange``) is in older saves
+    and not in newer ones, and a merge takes integer tensors from one model anyway. So the reference
+    model's (the base, else the first model's) copy is written, and one the reference lacks is left
+    out. A floating-point tensor missing anywhere stays an error (see :func:`_check_names`).
+    """
+    names = {n for m in metas for n in m}
+    partial = {n for n in names if any(n not in m for m in metas)
+               and not any(m[n].dtype.is_floating_point for m in metas if n in m)}
+    notes = []
+    for n in sorted(partial):
+        lacking = [r for r, m in zip(refs, metas, strict=True) if n not in m]
+        if n in metas[ref_idx]:
+            notes.append(f"integer buffer {n!r} is missing from {lacking}; written from {refs[ref_idx]}")
+        else:
+            notes.append(f"integer buffer {n!r} is not in {refs[ref_idx]} (the reference model); left out")
+    return partial, notes
 
 
 def _slice_jobs(

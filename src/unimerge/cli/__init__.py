@@ -136,6 +136,8 @@ def validate(
     cdir = config.resolve().parent
     plan = _guard(lambda: plan_config(cfg, output_dir, allow_pickle=allow_pickle, config_dir=cdir))
     s = plan.summary(threads)
+    for w in plan.warnings:
+        _err.print(f"[yellow]warning:[/] {w}", highlight=False)
     table = Table(title=f"{config}: OK", show_header=False)
     table.add_row("method", f"{plan.method.name} ({plan.method.family})")
     for ck in plan.checkpoints:
