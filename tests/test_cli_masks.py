@@ -51,3 +51,12 @@ def test_unknown_task_is_a_clear_error(tmp_path) -> None:
                               "--task", "nope"])
     assert res.exit_code != 0 and "nope" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_task_names_come_from_the_folders_that_tell_the_models_apart() -> None:
+    from unimerge.cli.masks import _task_names
+
+    assert _task_names(["m/math", "m/code"]) == ["math", "code"]
+    assert _task_names(["x/math/encoder", "x/code/encoder"]) == ["math", "code"]
+    assert _task_names(["base+loras/math", "base+loras/code"]) == ["math", "code"]
+    assert _task_names(["a/encoder", "a/encoder", "b/other"]) == ["encoder_0", "encoder_1", "other"]

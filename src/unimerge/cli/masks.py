@@ -40,7 +40,13 @@ class _LazyState(Mapping[str, "Tensor"]):  # torch is imported when a command ru
 
 
 def _task_names(refs: list[str]) -> list[str]:
-    names = [Path(r.split("+")[-1]).name or f"model_{i}" for i, r in enumerate(refs)]
+    """Each model's task name: its folder's name, else (when those repeat, as in ``a/encoder`` and
+    ``b/encoder``) its parent's, else the folder's name numbered. An adapter is named by the adapter."""
+    paths = [Path(r.split("+")[-1]) for r in refs]
+    for names in ([p.name for p in paths], [p.parent.name for p in paths]):
+        if all(names) and len(set(names)) == len(names):
+            return names
+    names = [p.name or f"model_{i}" for i, p in enumerate(paths)]
     return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
 
 
