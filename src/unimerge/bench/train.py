@@ -12,11 +12,14 @@
 
 Training uses AdamW (head at ``HEAD_LR_MULT`` times the encoder's rate), linear warmup over the
 first 10% of steps then linear decay, bf16 autocast, and seeded RNGs (the global RNG state is
-forked, so the caller's is left untouched).
+forked, so the caller's is left untouched). It always runs on ``TRAIN_THREADS`` torch threads,
+whatever ``--threads`` says: float sums depend on how work is split between threads, and over a
+hundred steps that difference grows into different experts (and different merge results).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +41,7 @@ __all__ = ["PROBE_L2", "Expert", "build_expert", "build_multitask", "build_probe
 HEAD_LR_MULT = 20.0
 PROBE_L2 = (1e-4, 1e-3, 1e-2)
 RECIPE_VERSION = 1
+TRAIN_THREADS = 1  # the thread count every cached expert and multi-task model is trained on
 Tick = Callable[[int], None]  # progress callback: advance by n steps
 
 
@@ -83,6 +87,17 @@ def _batch_stream(task: TaskData, batch_size: int, g: torch.Generator) -> Iterat
             yield task.train.collate(order[start : start + batch_size])
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block on ``n`` torch threads, then restore the caller's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _schedule(step: int, total: int) -> float:
     warm = max(1, total // 10)
     return (step + 1) / warm if step < warm else max(0.0, (total - step) / max(1, total - warm))
@@ -97,7 +112,21 @@ def _fit(
     seed: int,
     tick: Tick | None,
 ) -> float:
-    """Train ``encoder`` + ``heads`` for ``steps`` steps cycling over ``tasks``; returns the last loss."""
+    """Train ``encoder`` + ``heads`` for ``steps`` steps cycling over ``tasks`` on ``TRAIN_THREADS``
+    torch threads; returns the last loss."""
+    with torch_threads(TRAIN_THREADS):
+        return _fit_steps(encoder, heads, tasks, steps, suite, seed, tick)
+
+
+def _fit_steps(
+    encoder: nn.Module,
+    heads: nn.ModuleDict,
+    tasks: Sequence[TaskData],
+    steps: int,
+    suite: Suite,
+    seed: int,
+    tick: Tick | None,
+) -> float:
     encoder.embeddings.word_embeddings.weight.requires_grad_(False)
     enc_params = [p for p in encoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
