@@ -38,7 +38,8 @@ def bench(
     threads: int | None = typer.Option(
         None,
         "--threads",
-        help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine).",
+        help="torch CPU threads for merging and evaluation (default: torch's choice; 1 is often faster on a "
+        "busy machine). Experts always train on 1 thread, so they do not depend on this.",
     ),
 ) -> None:
     """Fine-tune one expert per task (cached), merge them with every method, report accuracy per task."""
