@@ -103,6 +103,7 @@ def _schedule(step: int, total: int) -> float:
     return (step + 1) / warm if step < warm else max(0.0, (total - step) / max(1, total - warm))
 
 
+@torch_threads(TRAIN_THREADS)  # a context manager made with contextlib is also a decorator
 def _fit(
     encoder: nn.Module,
     heads: nn.ModuleDict,
@@ -114,19 +115,6 @@ def _fit(
 ) -> float:
     """Train ``encoder`` + ``heads`` for ``steps`` steps cycling over ``tasks`` on ``TRAIN_THREADS``
     torch threads; returns the last loss."""
-    with torch_threads(TRAIN_THREADS):
-        return _fit_steps(encoder, heads, tasks, steps, suite, seed, tick)
-
-
-def _fit_steps(
-    encoder: nn.Module,
-    heads: nn.ModuleDict,
-    tasks: Sequence[TaskData],
-    steps: int,
-    suite: Suite,
-    seed: int,
-    tick: Tick | None,
-) -> float:
     encoder.embeddings.word_embeddings.weight.requires_grad_(False)
     enc_params = [p for p in encoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
