@@ -224,27 +224,16 @@ class Bench:
         path.write_text(yaml.safe_dump(merge_config(method, self.models), sort_keys=False))
         return path
 
-    def _child(self, label: str, cmd: list[str], out: Path) -> Run:
-        run = measure(label, cmd)
-        shutil.rmtree(out, ignore_errors=True)
-        self.runs.append(run)
-        print(
-            f"  {label:<16} {run.inner_s:7.2f} s  (process {run.wall_s:6.2f} s, peak RSS "
-            f"{run.peak_rss_mb:7.0f} MB, anon {run.peak_anon_mb:7.0f} MB)",
-            file=sys.stderr,
-        )
-        return run
-
     def floor(self, n: int) -> Run:
         out = self._out()
         payload = {"inputs": [str(m) for m in self.models[:n]], "out": str(out)}
-        return self._child(f"floor/{n}", [sys.executable, __file__, "_child", json.dumps(payload)], out)
+        return self._timed(f"floor/{n}", [sys.executable, __file__, "_child", json.dumps(payload)], out)
 
     def unimerge(self, method: str) -> Run:
         out = self._out()
         cmd = [sys.executable, "-m", "unimerge", "merge", str(self._config(method)), str(out), "--threads",
                str(self.threads), "--out-shard-size", str(SHARD_BYTES), "--seed", "0"]  # fmt: skip
-        return self._child(method, cmd, out)
+        return self._timed(method, cmd, out)
 
     def mergekit_run(self, method: str) -> Run:
         out = self._out()
@@ -254,11 +243,16 @@ class Bench:
         return self._timed(f"mergekit/{method}", cmd, out)
 
     def _timed(self, label: str, cmd: list[str], out: Path | None = None) -> Run:
+        """Run and record ``cmd``; remove its output folder; print the run (its inner time if it has one)."""
         run = measure(label, cmd)
         if out is not None:
             shutil.rmtree(out, ignore_errors=True)
         self.runs.append(run)
-        print(f"  {run.label:<16} {run.wall_s:7.2f} s  (peak RSS {run.peak_rss_mb:7.0f} MB)", file=sys.stderr)
+        if run.inner_s is None:
+            print(f"  {label:<16} {run.wall_s:7.2f} s  (peak RSS {run.peak_rss_mb:7.0f} MB)", file=sys.stderr)
+        else:
+            print(f"  {label:<16} {run.inner_s:7.2f} s  (process {run.wall_s:6.2f} s, peak RSS "
+                  f"{run.peak_rss_mb:7.0f} MB, anon {run.peak_anon_mb:7.0f} MB)", file=sys.stderr)  # fmt: skip
         return run
 
     def startup(self, repeats: int) -> tuple[float, float]:
@@ -294,8 +288,9 @@ def run_method(bench: Bench, method: str, repeats: int, largest: int, startup: t
         row.mergekit_s = statistics.median(r.wall_s for r in mk)
         row.mergekit_rss_mb = max(r.peak_rss_mb for r in mk)
         row.speedup = row.mergekit_s / row.process_s
-        if startup:
-            row.speedup_after_startup = (row.mergekit_s - startup[1]) / (row.process_s - startup[0])
+        mk_rest, um_rest = (row.mergekit_s - startup[1], row.process_s - startup[0]) if startup else (0.0, 0.0)
+        if mk_rest > 0 and um_rest > 0:  # else start-up noise exceeds the merge: no meaningful quotient
+            row.speedup_after_startup = mk_rest / um_rest
     return row
 
 
@@ -321,7 +316,8 @@ def table(rows: list[Row], with_mergekit: bool) -> str:
                  f"{r.peak_anon_mb:.0f}", f"{r.rss_bound_mb:.0f}"]  # fmt: skip
         if with_mergekit:
             cells += [f"{r.process_s:.2f}", f"{r.mergekit_s:.2f}", f"{r.mergekit_rss_mb:.0f}",
-                      f"{r.speedup:.2f}x", f"{r.speedup_after_startup:.2f}x"]  # fmt: skip
+                      f"{r.speedup:.2f}x",
+                      f"{r.speedup_after_startup:.2f}x" if r.speedup_after_startup else "-"]  # fmt: skip
         lines.append("| " + " | ".join(cells + [_verdict(r)]) + " |")
     return "\n".join(lines)
 

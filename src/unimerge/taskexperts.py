@@ -33,7 +33,15 @@ from torch import Tensor
 
 from unimerge.errors import CheckpointError, ConfigError
 from unimerge.methods.frequency import FrParams, fr_merging, free_experts
-from unimerge.taskmasks import StateKind, _check, _named, _stacked_deltas, _task_index, save_tensors_atomic
+from unimerge.taskmasks import (
+    StateKind,
+    _check,
+    _named,
+    _stacked_deltas,
+    _task_index,
+    _vector_names,
+    save_tensors_atomic,
+)
 
 __all__ = [
     "TaskExperts",
@@ -180,10 +188,6 @@ def _open(path: str | os.PathLike):
         raise CheckpointError(f"{str(path)!r} is not a unimerge task expert file (FREE-Merging).")
     handle = safe_open(str(path), framework="pt")
     return handle, handle.metadata()
-
-
-def _vector_names(handle) -> list[str]:
-    return [k[len("vector::") :] for k in handle.keys() if k.startswith("vector::")]  # noqa: SIM118 (safe_open is not a Mapping)
 
 
 def load_task_experts(path: str | os.PathLike) -> TaskExperts:
