@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from unimerge.cache import cache_root, sha256_file
+from unimerge.io.cache import cache_root, sha256_file
 
 
 def test_hash_is_cached_by_file_identity(tmp_path, monkeypatch) -> None:

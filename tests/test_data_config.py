@@ -22,8 +22,8 @@ from unimerge.cli import app
 from unimerge.config import parse_config
 from unimerge.errors import ConfigError
 from unimerge.execute import RunOptions, run_merge
-from unimerge.modelmerge._stats import load_stats, sidecar_path
 from unimerge.modelmerge.fisher import fisher_merge
+from unimerge.modelmerge.stats import load_stats, sidecar_path
 
 transformers = pytest.importorskip("transformers")
 

@@ -163,7 +163,7 @@ def test_plan_summary_and_yaml_path(models, tmp_path) -> None:
 
 
 def test_model_card_names_inputs_and_hashes(models, tmp_path) -> None:
-    from unimerge.io.checkpoint import sha256_file
+    from unimerge.io import sha256_file
 
     run_merge(_cfg("linear", models), tmp_path / "o", RunOptions())
     card = (tmp_path / "o" / "README.md").read_text()

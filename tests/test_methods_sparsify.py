@@ -53,7 +53,7 @@ def test_ties_zero_sum_elects_plus_and_all_zero_entries_stay_zero():
 
 
 def test_ties_count_vote_differs_from_sum():
-    from unimerge.methods._primitives import consensus_sums
+    from unimerge.methods.primitives import consensus_sums
 
     x = torch.tensor([[1.0], [1.0], [-5.0]])
     assert consensus_sums(x, None, "count")[0].item() == 2.0  # 2 votes for +

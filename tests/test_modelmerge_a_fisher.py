@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from _modelmerge_a_toy import FakeTask, mlp_problem, problem
-from unimerge.modelmerge._stats import collect_fisher
 from unimerge.modelmerge.fisher import (
     FisherParams,
     compute_fishers,
@@ -15,6 +14,7 @@ from unimerge.modelmerge.fisher import (
     fisher_state_dict,
     normalize_fishers,
 )
+from unimerge.modelmerge.stats import collect_fisher
 
 
 def _log_probs(module: nn.Module, batch: dict) -> torch.Tensor:

@@ -8,8 +8,7 @@ from torch import nn
 
 from _modelmerge_a_toy import FakeTask, heads, mlp, mlp_problem, perturbed, problem
 from unimerge.errors import CheckpointError
-from unimerge.methods import get_method
-from unimerge.modelmerge._stats import collect_grams, load_stats, save_sidecars, save_stats, sidecar_path
+from unimerge.methods import ModelMethod, get_method
 from unimerge.modelmerge.regmean import (
     RegMeanParams,
     find_blocks,
@@ -18,6 +17,7 @@ from unimerge.modelmerge.regmean import (
     regmean_plusplus,
     scale_off_diagonal,
 )
+from unimerge.modelmerge.stats import collect_grams, load_stats, save_sidecars, save_stats, sidecar_path
 
 EXACT = RegMeanParams(alpha=1.0, bf16=False)
 
@@ -66,7 +66,7 @@ def test_regmean_averages_biases_and_reports_budget() -> None:
     bias = torch.stack([e["0.bias"] for e in p.experts]).mean(0)
     torch.testing.assert_close(out.module.state_dict()["0.bias"], bias)
     assert out.examples_used == 24 and out.labeled is False
-    assert get_method("regmean").data == "unlabeled" and get_method("regmean").inputs == "problem"
+    assert get_method("regmean").data == "unlabeled" and isinstance(get_method("regmean"), ModelMethod)
 
 
 def test_copies_of_one_expert_return_it() -> None:

@@ -182,7 +182,7 @@ def test_smile_bad_targets_message() -> None:
 
 def test_smile_registered() -> None:
     info = get_method("smile")
-    assert (info.inputs, info.data, info.family) == ("problem", "unlabeled", "moe")
+    assert (info.kind, info.data, info.family) == ("model", "unlabeled", "moe")
 
 
 # ---------------------------------------------------------------- WEMoE

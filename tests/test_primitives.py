@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unimerge.methods._primitives import (
+from unimerge.methods.primitives import (
     breadcrumbs_mask,
     consensus_sums,
     disjoint_mean,
@@ -243,7 +243,7 @@ def test_weighted_sum_hand_case():
 
 
 def test_uniform_is_seeded_uniform_and_advances_its_generator():
-    from unimerge.methods._primitives import uniform_
+    from unimerge.methods.primitives import uniform_
 
     a = uniform_(torch.empty(200_000), torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)

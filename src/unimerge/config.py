@@ -18,7 +18,7 @@ interpolated linearly over the layer position ``t`` in [0, 1]; or a list of ``{f
 conditions, the first whose ``filter`` is a substring of the tensor name wins (no filter matches all).
 The method name and every parameter value are checked against the registry when the file is read.
 
-A data-aware method (``regmean``, ``fisher``, ``wemoe``, ...: ``data != "none"`` in the registry) needs a
+A data-aware method (``regmean``, ``fisher``, ``wemoe``, ...: a ``ModelMethod`` in the registry) needs a
 ``data:`` section (:class:`DataSpec`) naming where its examples come from; a data-free method refuses
 one. See :mod:`unimerge.datamerge` for how such a merge runs::
 
@@ -49,7 +49,7 @@ from pydantic import (
 
 from unimerge.core import validate_params
 from unimerge.errors import ConfigError
-from unimerge.methods import MethodInfo, get_method
+from unimerge.methods import Method, MethodInfo, ModelMethod, get_method
 
 __all__ = [
     "DataSpec",
@@ -229,7 +229,7 @@ class MergeConfig(_Strict):
         info = self.method
         if info.needs_base and self.base_model is None:
             raise ValueError(f"method {info.name!r} needs `base_model:`")
-        if info.data != "none" or self.data is not None:
+        if isinstance(info, ModelMethod) or self.data is not None:
             _check_data(self)
             return self
         if any(m.task is not None for m in self.model_specs()):
@@ -238,7 +238,9 @@ class MergeConfig(_Strict):
         return self
 
     @property
-    def method(self) -> MethodInfo:
+    def method(self) -> Method:
+        """The registered method (a :class:`~unimerge.methods.TensorMethod` or a data-aware
+        :class:`~unimerge.methods.ModelMethod`)."""
         return get_method(self.merge_method)
 
     def model_specs(self) -> list[ModelSpec]:
@@ -260,7 +262,7 @@ class MergeConfig(_Strict):
 def _check_data(cfg: MergeConfig) -> None:
     """A data-aware method has a usable ``data:`` section, and only a data-aware method has one."""
     info, data = cfg.method, cfg.data
-    if info.data == "none":
+    if not isinstance(info, ModelMethod):
         raise ValueError(
             f"`data:` is only for data-aware methods, and {info.name!r} is data-free; remove the `data:` "
             "section (or pick a data-aware method: `unimerge methods` lists them with their data needs)"

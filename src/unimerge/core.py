@@ -14,8 +14,7 @@ from pydantic import BaseModel, ValidationError
 from torch import Tensor
 
 from unimerge.errors import ConfigError, PlanError
-from unimerge.methods import MethodInfo, get_method
-from unimerge.methods._primitives import generator_for
+from unimerge.methods import MethodInfo, TensorMethod, generator_for, get_method
 
 __all__ = [
     "compute_dtype",
@@ -89,7 +88,7 @@ def stack_per_model(models: Sequence[BaseModel], device: torch.device | str = "c
 
 
 def merge_tensor(
-    info: MethodInfo,
+    info: TensorMethod,
     tensors: Sequence[Tensor],
     base: Tensor | None,
     params: BaseModel,
@@ -117,7 +116,7 @@ def stack_buffer(n: int, shape: tuple[int, ...], dtype: torch.dtype, device: tor
     return torch.empty((n, *shape), dtype=compute_dtype(dtype), device=device)
 
 
-def to_method_input(info: MethodInfo, x: Tensor, base: Tensor | None) -> tuple[Tensor, Tensor | None]:
+def to_method_input(info: TensorMethod, x: Tensor, base: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """``(x, base)`` as ``info.fn`` receives them: ``x`` (the caller's stacked inputs, turned into task
     vectors in place for ``inputs="deltas"`` methods) and the base in ``x``'s dtype and device."""
     b = base.to(device=x.device, dtype=x.dtype) if base is not None else None
@@ -129,7 +128,7 @@ def to_method_input(info: MethodInfo, x: Tensor, base: Tensor | None) -> tuple[T
 
 
 def merge_stacked(
-    info: MethodInfo,
+    info: TensorMethod,
     x: Tensor,
     base: Tensor | None,
     params: BaseModel,
@@ -156,7 +155,7 @@ def _shares_memory(a: Tensor, b: Tensor) -> bool:
 
 
 def stack_inputs(
-    info: MethodInfo, tensors: Sequence[Tensor], base: Tensor | None, device: torch.device | str
+    info: TensorMethod, tensors: Sequence[Tensor], base: Tensor | None, device: torch.device | str
 ) -> tuple[Tensor, Tensor | None]:
     """What ``info.fn`` receives for one tensor: ``(x (n, *shape), base)`` in the compute dtype.
 
@@ -206,9 +205,7 @@ def merge_state_dicts(
     Example:
         >>> merged = merge_state_dicts("ties", [sd_a, sd_b], base=sd_0, density=0.2, weight=[1.0, 0.5])
     """
-    info = get_method(method)
-    if info.data != "none":
-        raise ConfigError(f"Method {info.name!r} needs data; use unimerge.modelmerge instead.")
+    info = get_method(method, TensorMethod)
     if not experts:
         raise ConfigError("merge_state_dicts needs at least one expert state dict.")
     if info.needs_base and base is None:

@@ -1,4 +1,10 @@
-"""Running a plan: stream jobs through a thread pool into a sharded, atomic writer.
+"""Running merges: :func:`run_merge` and :func:`check_merge`, and the streaming engine.
+
+:func:`_engine` is the one place that dispatches on the method's kind: a
+:class:`~unimerge.methods.TensorMethod` is planned from headers (:mod:`unimerge.plan`) and streamed
+here; a :class:`~unimerge.methods.ModelMethod` runs forward passes in :mod:`unimerge.datamerge`.
+
+The streaming engine runs a plan: jobs go through a thread pool into a sharded, atomic writer.
 
 Memory is bounded by the tensors in flight, never by model size: at most ``2 * threads`` jobs, and
 no more of them than fit a byte budget (by default the largest job's working set, so the largest
@@ -16,58 +22,26 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from unimerge.config import MergeConfig, dump_config, load_config, parse_config
 from unimerge.core import merge_stacked, stack_buffer, stack_per_model, to_method_input
-from unimerge.errors import ConfigError, MergeError
-from unimerge.io.checkpoint import sha256_file
-from unimerge.io.writer import OutTensor, ShardedWriter, write_model_files
-from unimerge.methods._primitives import generator_for
+from unimerge.errors import MergeError
+from unimerge.io import OutTensor, ShardedWriter, sha256_file
+from unimerge.io.writer import format_size, write_model_files
+from unimerge.methods import Method, ModelMethod, TensorMethod, generator_for
 from unimerge.modelcard import model_card
+from unimerge.options import Check, MergeResult, Progress, RunOptions, compute_device
 from unimerge.plan import MergePlan, TensorJob, make_plan
 
-__all__ = ["MergeResult", "RunOptions", "plan_config", "run_merge", "run_plan"]
+__all__ = ["Check", "MergeResult", "RunOptions", "check_merge", "plan_config", "run_merge", "run_plan"]
 
 log = logging.getLogger("unimerge")
-Progress = Callable[[int, int], None]
 _MIN_BUDGET = 512 * 2**20
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How to run a merge (not what to merge)."""
-
-    threads: int = 2
-    device: str = "cpu"
-    out_shard_size: int = 2_000_000_000
-    force: bool = False
-    seed: int | None = None  # overrides the config's seed
-    allow_pickle: bool = False
-    memory_budget: int | None = None  # bytes of jobs in flight; default: the largest job's, >= 512 MB
-
-
-@dataclass
-class MergeResult:
-    """What a merge did."""
-
-    out_dir: Path
-    tensors: int
-    bytes_written: int
-    seconds: float
-    warnings: list[str] = field(default_factory=list)
-
-
-def _device(name: str) -> torch.device:
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but this machine has no CUDA device; use --device cpu.")
-    return dev
 
 
 def _as_config(config: MergeConfig | str | Path | Mapping[str, Any]) -> tuple[MergeConfig, Path | None]:
@@ -159,7 +133,7 @@ def job_bytes(job: TensorJob) -> int:
 
 
 def _run_pool(jobs: Sequence[TensorJob], fn: Callable[[TensorJob], None], threads: int,
-              progress: Progress | None, budget: int) -> None:
+              progress: Callable[[int, int], None] | None, budget: int) -> None:
     """Run ``fn`` over jobs with at most ``2 * threads`` in flight whose :func:`job_bytes` sum stays
     within ``budget`` (a job larger than the budget runs alone); the first error stops the run."""
     done = 0
@@ -209,7 +183,7 @@ def run_plan(plan: MergePlan, out_dir: str | Path, options: RunOptions = RunOpti
              progress: Progress | None = None) -> MergeResult:
     """Execute a plan; the output appears at ``out_dir`` only when complete."""
     start = time.perf_counter()
-    device = _device(options.device)
+    device = compute_device(options.device)
     seed = plan.config.seed if options.seed is None else options.seed
     runner = _Runner(plan, device, seed)
     outs = [OutTensor(j.name, j.shape, j.dtype) for j in plan.jobs]
@@ -223,7 +197,9 @@ def run_plan(plan: MergePlan, out_dir: str | Path, options: RunOptions = RunOpti
                 job0 = plan.jobs[0]
                 runner.extra = plan.method.prepare(job0.params, runner.per_model(job0), runner.deltas)
             budget = options.memory_budget or max([_MIN_BUDGET, *map(job_bytes, plan.jobs)])
-            _run_pool(plan.jobs, lambda job: writer.write(job.name, runner.merge(job)), options.threads, progress,
+            what = f"merging ({plan.method.name})"
+            report = (lambda done, total: progress(what, done, total)) if progress else None
+            _run_pool(plan.jobs, lambda job: writer.write(job.name, runner.merge(job)), options.threads, report,
                       budget)
             _write_metadata(plan, writer, {f: h.result() for f, h in hashes.items()})
             writer.commit()
@@ -236,21 +212,67 @@ def run_plan(plan: MergePlan, out_dir: str | Path, options: RunOptions = RunOpti
                        [*plan.warnings, *runner.warnings])
 
 
+class _Engine(Protocol):
+    """How merges of one method kind are checked and run."""
+
+    def check(self, cfg: MergeConfig, config_dir: Path | None, out_dir: Path, options: RunOptions) -> Check: ...
+
+    def run(self, cfg: MergeConfig, config_dir: Path | None, out_dir: Path, options: RunOptions,
+            progress: Progress | None) -> MergeResult: ...
+
+
+class _Streaming:
+    """Tensor methods: plan from headers, then stream tensor jobs (this module)."""
+
+    def check(self, cfg: MergeConfig, config_dir: Path | None, out_dir: Path, options: RunOptions) -> Check:
+        plan = make_plan(cfg, out_dir, config_dir=config_dir, allow_pickle=options.allow_pickle)
+        s = plan.summary(options.threads)
+        rows = [("method", f"{plan.method.name} ({plan.method.family})")]
+        rows += [("base" if plan.base is not None and ck is plan.checkpoints[plan.base] else "model", ck.ref)
+                 for ck in plan.checkpoints]
+        rows += [("tensors", str(s["tensors"])), ("bytes to read", format_size(s["bytes_read"])),
+                 ("bytes to write", format_size(s["bytes_written"])),
+                 (f"peak memory (est., {options.threads} threads)", format_size(s["peak_memory"]))]
+        return Check(rows, list(plan.warnings))
+
+    def run(self, cfg: MergeConfig, config_dir: Path | None, out_dir: Path, options: RunOptions,
+            progress: Progress | None) -> MergeResult:
+        plan = make_plan(cfg, out_dir, config_dir=config_dir, allow_pickle=options.allow_pickle)
+        return run_plan(plan, out_dir, options, progress)
+
+
+def _engine(method: Method) -> _Engine:
+    """The one place that tells the method kinds apart: which engine checks and runs a merge."""
+    match method:
+        case TensorMethod():
+            return _Streaming()
+        case ModelMethod():
+            from unimerge.datamerge import DataAware  # forward passes: imported only when needed
+
+            return DataAware()
+
+
+def check_merge(config: MergeConfig | str | Path | Mapping[str, Any], out_dir: str | Path,
+                options: RunOptions = RunOptions()) -> Check:
+    """Every check a merge makes before reading tensor data (or running a forward pass).
+
+    Example:
+        >>> for label, value in check_merge("ties.yaml", "out/").rows: print(label, value)
+    """
+    cfg, cdir = _as_config(config)
+    return _engine(cfg.method).check(cfg, cdir, Path(out_dir), options)
+
+
 def run_merge(config: MergeConfig | str | Path | Mapping[str, Any], out_dir: str | Path,
               options: RunOptions = RunOptions(), progress: Progress | None = None) -> MergeResult:
-    """Plan and run a merge config (a path to YAML, a mapping, or a :class:`MergeConfig`).
+    """Check and run a merge config (a path to YAML, a mapping, or a :class:`MergeConfig`).
 
-    A config with a ``data:`` section (a data-aware method) runs through
-    :func:`unimerge.datamerge.run_data_merge`.
+    A tensor method is planned from the inputs' headers and streamed tensor by tensor; a data-aware
+    method (a config with ``data:``) runs forward passes (:mod:`unimerge.datamerge`). ``progress``
+    is called as ``progress(what, done, total)`` while each phase runs.
 
     Example:
         >>> run_merge("ties.yaml", "out/", RunOptions(threads=4))
     """
     cfg, cdir = _as_config(config)
-    if cfg.data is not None:  # data-aware: forward passes, see unimerge.datamerge
-        from unimerge.datamerge import run_data_merge
-
-        report = (lambda _what, done, total: progress(done, total)) if progress else None
-        return run_data_merge(cfg, out_dir, options, config_dir=cdir, progress=report)
-    plan = plan_config(cfg, out_dir, allow_pickle=options.allow_pickle, config_dir=cdir)
-    return run_plan(plan, out_dir, options, progress)
+    return _engine(cfg.method).run(cfg, cdir, Path(out_dir), options, progress)

@@ -19,9 +19,9 @@ from pydantic import BaseModel
 
 from unimerge.config import MergeConfig, ModelSpec, SourceSpec, evaluate_setting
 from unimerge.core import validate_params
-from unimerge.errors import CheckpointError, ConfigError, PlanError
-from unimerge.io.checkpoint import Checkpoint, TensorMeta, open_checkpoint
-from unimerge.methods import MethodInfo
+from unimerge.errors import ConfigError, PlanError
+from unimerge.io import Checkpoint, TensorMeta, check_output_outside, open_checkpoint, resolve_ref
+from unimerge.methods import MethodInfo, TensorMethod, get_method
 
 __all__ = ["MergePlan", "Source", "TensorJob", "layer_index", "make_plan"]
 
@@ -63,7 +63,7 @@ class MergePlan:
     """Everything needed to run a merge, computed from headers only."""
 
     config: MergeConfig
-    method: MethodInfo
+    method: TensorMethod
     checkpoints: list[Checkpoint]
     base: int | None
     jobs: list[TensorJob]
@@ -95,23 +95,6 @@ def _position(name: str, n_layers: int) -> float:
     if idx is not None:
         return idx / (n_layers - 1) if n_layers > 1 else 1.0
     return 0.0 if "embed" in name or name.endswith(("wte.weight", "wpe.weight")) else 1.0
-
-
-def _resolve_ref(ref: str, config_dir: Path | None) -> str:
-    parts = ref.split("+")
-    out = []
-    for p in parts:
-        path = Path(p).expanduser()
-        if not path.is_absolute() and config_dir is not None and (config_dir / path).exists():
-            path = config_dir / path
-        if not path.exists():
-            raise CheckpointError(
-                f"Model {p!r} not found (looked in {Path.cwd()}" + (f" and {config_dir}" if config_dir else "")
-                + "). unimerge reads local folders only and never downloads: download the model first "
-                "(e.g. `huggingface-cli download NAME --local-dir DIR`) and give its folder."
-            )
-        out.append(str(path.resolve()))
-    return "+".join(out)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -178,19 +161,6 @@ def _check_shapes(items: Sequence[tuple[str, Sequence[tuple[str, TensorMeta]]]])
         )
 
 
-def _check_output(out_dir: Path, cks: Sequence[Checkpoint]) -> None:
-    out = out_dir.resolve()
-    for ck in cks:
-        for part in ck.ref.split("+"):
-            root = Path(part).resolve()
-            root = root if root.is_dir() else root.parent
-            if out == root or out.is_relative_to(root) or root.is_relative_to(out):
-                raise ConfigError(
-                    f"Output folder {out_dir} overlaps input {part}. Write the merged model to a folder "
-                    "outside every input folder (and not a parent of one)."
-                )
-
-
 class _Params:
     """Resolve + validate parameters per tensor, caching by resolved values."""
 
@@ -219,24 +189,19 @@ def _out_dtype(config: MergeConfig, meta: TensorMeta) -> torch.dtype:
 def make_plan(config: MergeConfig, out_dir: Path, *, config_dir: Path | None = None,
               allow_pickle: bool = False) -> MergePlan:
     """Open every input's headers, check everything, and lay out one job per output tensor."""
-    info = config.method
-    if config.data is not None:
-        raise ConfigError(
-            f"Method {info.name!r} is data-aware (the config has `data:`): it runs forward passes, not a "
-            "tensor plan; run it with `unimerge merge` or unimerge.run_merge."
-        )
+    info = get_method(config.merge_method, TensorMethod)  # a data-aware method has no tensor plan
     refs = config.expert_refs()
     all_refs = list(dict.fromkeys(([config.base_model] if config.base_model else []) + refs))
-    resolved = [_resolve_ref(r, config_dir) for r in all_refs]
+    resolved = [resolve_ref(r, config_dir) for r in all_refs]
     cks = [open_checkpoint(r, allow_pickle=allow_pickle) for r in resolved]
     index = {r: i for i, r in enumerate(all_refs)}
     base = index[config.base_model] if config.base_model else None
-    _check_output(out_dir, cks)
+    check_output_outside(out_dir, [ck.ref for ck in cks])
     _check_architectures(all_refs, cks)
     meta_root = cks[base if base is not None else 0].root
     tok = config.tokenizer_source
     tok_root = meta_root if tok in (None, "base") else cks[index[tok]].root if tok in index else Path(
-        _resolve_ref(tok, config_dir)
+        resolve_ref(tok, config_dir)
     )
     plan = MergePlan(config, info, cks, base, [], meta_root, tok_root)
     if config.models is not None:

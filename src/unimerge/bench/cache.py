@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unimerge.cache import cache_root, sha256_file
 from unimerge.errors import CheckpointError
+from unimerge.io.cache import cache_root, sha256_file
 
 __all__ = [
     "Archive",

@@ -1,4 +1,4 @@
-"""Benchmark rows for data-aware methods (``data != "none"``): the one interface is MergeProblem.
+"""Benchmark rows for data-aware methods (:class:`~unimerge.methods.ModelMethod`): the one interface is MergeProblem.
 
 A suite hands a data-aware method a :class:`~unimerge.modelmerge.MergeProblem` built from its cached
 pieces: the pretrained encoder, the experts' encoder tensors, each task's :class:`TaskData` (the
@@ -22,8 +22,7 @@ from torch import Tensor, nn
 from unimerge.bench.model import EVAL_BATCH, pool
 from unimerge.bench.tasks import Batch, Split, TaskData, batches
 from unimerge.core import validate_params
-from unimerge.methods import MethodInfo
-from unimerge.modelmerge import MergedModel, MergeProblem
+from unimerge.methods import MergedModel, MergeProblem, ModelMethod
 
 __all__ = ["BUDGET", "make_problem", "run_data_method"]
 
@@ -74,11 +73,11 @@ def evaluate_merged(problem: MergeProblem, merged: MergedModel, split: str) -> d
     return out
 
 
-def run_data_method(info: MethodInfo, problem: MergeProblem) -> dict[str, Any]:
+def run_data_method(info: ModelMethod, problem: MergeProblem) -> dict[str, Any]:
     """Run one data-aware method at its defaults; returns validation and test accuracies and costs."""
     params, _ = validate_params(info, {}, [])
     start = time.perf_counter()
-    merged: MergedModel = info.fn(problem, params)  # type: ignore[call-arg, arg-type]
+    merged = info.fn(problem, params)
     seconds = time.perf_counter() - start
     dense = sum(p.numel() for p in problem.base.parameters())
     return {
@@ -93,12 +92,12 @@ def run_data_method(info: MethodInfo, problem: MergeProblem) -> dict[str, Any]:
     }
 
 
-def data_row(prep: Any, info: MethodInfo) -> dict[str, Any]:
+def data_row(prep: Any, info: ModelMethod) -> dict[str, Any]:
     """A benchmark row (or ``{"method", "reason"}``) for data-aware ``info`` on a prepared suite.
 
     Args:
         prep: the runner's ``Prepared`` (pretrained encoder, expert tensors, tasks, heads).
-        info: a method with ``data != "none"``.
+        info: a data-aware method.
     """
     from unimerge.bench.model import load_encoder
     from unimerge.bench.runner import summarize

@@ -48,7 +48,7 @@ from unimerge.bench.runner import (
 )
 from unimerge.core import validate_params
 from unimerge.errors import ConfigError
-from unimerge.methods import MethodInfo
+from unimerge.methods import MethodInfo, ModelMethod
 
 __all__ = ["run_bench"]
 
@@ -114,7 +114,7 @@ def _reusable_rows(paths: Sequence[Path], results: dict[str, Any]) -> dict[str, 
 
 def _same_recipe(row: dict[str, Any], info: MethodInfo) -> bool:
     """Whether ``row`` was made with ``info``'s current grid (data-free) or defaults (data-aware)."""
-    if info.data == "none":
+    if not isinstance(info, ModelMethod):
         return [g["params"] for g in row.get("grid", [])] == _as_json(grid_points(info))
     defaults = validate_params(info, {}, [])[0].model_dump(mode="json", by_alias=True)
     return row.get("params") == _as_json(defaults)

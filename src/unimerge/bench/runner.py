@@ -38,7 +38,7 @@ from unimerge.bench.tasks import SUITES, Suite, TaskData, make_task
 from unimerge.bench.train import Expert, build_expert, build_multitask, build_probe
 from unimerge.core import merge_state_dicts
 from unimerge.errors import ConfigError, MergeError, UnimergeError
-from unimerge.methods import MethodInfo, get_method, list_methods
+from unimerge.methods import Method, MethodInfo, ModelMethod, TensorMethod, get_method, list_methods
 
 __all__ = ["Prepared", "grid_points", "normalized", "prepare", "select_methods", "summarize", "tune_method"]
 
@@ -186,12 +186,12 @@ def select_methods(suite: Suite, names: Sequence[str] | None) -> list[MethodInfo
     if names:  # data-aware methods run only when named (each costs minutes; see bench/data_aware.py)
         groups = {
             "all": list_methods(),
-            "free": list_methods(data="none"),
-            "data": [m for m in list_methods() if m.data != "none"],
+            "free": list_methods(kind=TensorMethod),
+            "data": list_methods(kind=ModelMethod),
         }
         chosen = [m for n in names for m in (groups[n] if n in groups else [get_method(n)])]
         return [_suite_grid(suite, m) for m in {m.name: m for m in chosen}.values()]  # no repeats
-    available = list_methods(data="none")
+    available: list[Method] = list(list_methods(kind=TensorMethod))
     if suite.default_methods is not None:
         chosen = [m for m in available if m.name in suite.default_methods]
         if chosen:
@@ -249,7 +249,7 @@ def tune_method(prep: Prepared, info: MethodInfo, tick=None) -> dict[str, Any]:
     Returns a row (``method``, ``params``, ``per_task``, ``avg``, ``normalized_avg``, ``seconds``,
     ``val_avg``, ``family``, ``grid``), or ``{"method", "reason"}`` when the method cannot run here.
     """
-    if info.data != "none":  # data-aware: one run at the defaults through MergeProblem
+    if isinstance(info, ModelMethod):  # data-aware: one run at the defaults through MergeProblem
         from unimerge.bench.data_aware import data_row
 
         row = data_row(prep, info)

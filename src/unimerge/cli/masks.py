@@ -83,11 +83,12 @@ def masks(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle")] = False,
 ) -> None:
     """Compute per-task masks (EMR or TALL) or experts (FREE-Merging) to rebuild each task's model later."""
-    from unimerge.cli import _guard, _out
+    from unimerge.cli.common import guard as _guard
+    from unimerge.cli.common import out as _out
     from unimerge.config import load_config
     from unimerge.errors import ConfigError
-    from unimerge.io.checkpoint import open_checkpoint
-    from unimerge.plan import _resolve_ref
+    from unimerge.io import open_checkpoint
+    from unimerge.io import resolve_ref as _resolve_ref
     from unimerge.taskexperts import compute_task_experts, save_task_experts
     from unimerge.taskmasks import compute_task_masks, save_task_masks
 
@@ -124,8 +125,9 @@ def task(
     force: Annotated[bool, typer.Option("--force")] = False,
 ) -> None:
     """Rebuild one task's model from the base and a mask file, as a Hugging Face folder."""
-    from unimerge.cli import _guard, _out
-    from unimerge.io.checkpoint import open_checkpoint
+    from unimerge.cli.common import guard as _guard
+    from unimerge.cli.common import out as _out
+    from unimerge.io import open_checkpoint
     from unimerge.io.writer import OutTensor, ShardedWriter, copy_model_files
     from unimerge.taskexperts import is_task_experts_file, load_expert_model
     from unimerge.taskmasks import load_task_model

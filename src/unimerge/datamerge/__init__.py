@@ -8,12 +8,12 @@ regmean / fisher              ->  sidecars.py  per-expert statistics, computed o
 other data-aware methods      ->  run.py       in memory on a MergeProblem, written with save_merged
 ```
 
-:func:`run_data_merge` runs one; :func:`unimerge.run_merge` and the CLI call it for configs with a
-``data:`` section.
+:func:`run_data_merge` runs one; :func:`unimerge.run_merge` (which the CLI calls) hands every
+data-aware method's config to :class:`DataAware`.
 """
 
 from __future__ import annotations
 
-from unimerge.datamerge.run import run_data_merge
+from unimerge.datamerge.run import DataAware, run_data_merge
 
-__all__ = ["run_data_merge"]
+__all__ = ["DataAware", "run_data_merge"]

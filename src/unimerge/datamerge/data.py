@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from unimerge.cache import sha256_file
 from unimerge.config import DataSpec, check_data_path
 from unimerge.errors import ConfigError
+from unimerge.io.cache import sha256_file
 
 __all__ = ["FILE_MAX_LENGTH", "TaskPlan", "TextTask", "load_task", "plan_tasks", "read_jsonl", "suite_task"]
 

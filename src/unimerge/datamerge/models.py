@@ -31,8 +31,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from unimerge.errors import CheckpointError, ConfigError, PlanError
-from unimerge.io import Checkpoint, open_checkpoint
-from unimerge.plan import _resolve_ref
+from unimerge.io import Checkpoint, open_checkpoint, resolve_ref
 
 __all__ = [
     "Body",
@@ -123,7 +122,7 @@ def open_model(ref: str, config_dir: Path | None, allow_pickle: bool = False) ->
             f"{ref!r}: data-aware merges read whole models, not BASE+ADAPTER; merge the adapter into its "
             "base first (e.g. PEFT's merge_and_unload) and name that folder."
         )
-    path = Path(_resolve_ref(ref, config_dir))
+    path = Path(resolve_ref(ref, config_dir))
     folder, bench = _bench_dirs(path if path.is_dir() else path.parent)
     if not (folder / "config.json").is_file():
         raise CheckpointError(

@@ -17,13 +17,11 @@ Either way the output appears at ``OUT`` only when complete (a temporary sibling
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,6 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from unimerge.cache import sha256_file
 from unimerge.config import MergeConfig, dump_config, method_params
 from unimerge.datamerge.data import TaskPlan, TextTask, load_task, plan_tasks
 from unimerge.datamerge.models import (
@@ -60,19 +57,18 @@ from unimerge.datamerge.sidecars import (
     stats_recipe,
 )
 from unimerge.datamerge.stream import OutputFiles, StreamInputs, layout, stream_merge
-from unimerge.errors import CheckpointError, ConfigError, MergeError
-from unimerge.execute import MergeResult, RunOptions, _device
-from unimerge.io import read_safetensors_header
-from unimerge.io.writer import TOKENIZER_FILES, swap_into_place
-from unimerge.methods import MethodInfo
-from unimerge.modelmerge import MergeProblem
-from unimerge.modelmerge._stats import load_state
-from unimerge.modelmerge.load import save_merged
-from unimerge.plan import _check_output, _resolve_ref
+from unimerge.errors import CheckpointError, ConfigError
+from unimerge.io import atomic_dir, check_output_outside, read_safetensors_header, resolve_ref
+from unimerge.io.atomic import exists_error
+from unimerge.io.cache import sha256_file
+from unimerge.io.writer import TOKENIZER_FILES
+from unimerge.methods import MergeProblem, ModelMethod, get_method
+from unimerge.modelmerge.load import write_merged
+from unimerge.modelmerge.stats import load_state
+from unimerge.options import Check, MergeResult, Progress, RunOptions, compute_device
 
-__all__ = ["Setup", "describe", "prepare", "run_data_merge"]
+__all__ = ["DataAware", "Setup", "describe", "prepare", "run_data_merge"]
 
-Report = Callable[[str, int, int], None]  # (what, done, total): progress of each phase
 
 
 @dataclass
@@ -80,7 +76,7 @@ class Setup:
     """Everything checked and loaded before the first forward pass."""
 
     config: MergeConfig
-    info: MethodInfo
+    info: ModelMethod
     params: BaseModel
     weights: list[float]
     base: ModelRef
@@ -101,10 +97,7 @@ class Setup:
 
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not (force and out.is_dir()):
-        raise MergeError(
-            f"Output folder {out} already exists. Pass --force (force=True) to replace it, "
-            "or choose another folder."
-        )
+        raise exists_error(out)
 
 
 def _tokenizer_root(
@@ -114,7 +107,7 @@ def _tokenizer_root(
     src = cfg.tokenizer_source
     named = {e.ref: e.folder for e in experts}
     if src not in (None, "base"):
-        candidates = [named.get(str(src)) or Path(_resolve_ref(str(src), config_dir))]
+        candidates = [named.get(str(src)) or Path(resolve_ref(str(src), config_dir))]
     else:
         candidates = [base.folder, *(e.folder for e in experts)]
     for root in candidates:
@@ -135,12 +128,12 @@ def _tokenizer(root: Path) -> Any:
         raise CheckpointError(f"Cannot load the tokenizer in {root}: {err}") from None
 
 
-def _needs_labels(info: MethodInfo, params: BaseModel) -> bool:
+def _needs_labels(info: ModelMethod, params: BaseModel) -> bool:
     return info.data == "labeled" and getattr(params, "mode", None) != "sampled"
 
 
 def _check_labels(
-    info: MethodInfo, params: BaseModel, task: TextTask, classes: int | None, head: nn.Module | None, ref: str
+    info: ModelMethod, params: BaseModel, task: TextTask, classes: int | None, head: nn.Module | None, ref: str
 ) -> None:
     """Labelled methods have labels; labels fit the expert's head.
 
@@ -170,7 +163,7 @@ def _check_labels(
 
 
 def _heads(
-    setup_kind: str, method: MethodInfo, experts: Sequence[ModelRef], body: Body, names: Sequence[str]
+    setup_kind: str, method: ModelMethod, experts: Sequence[ModelRef], body: Body, names: Sequence[str]
 ) -> dict[str, nn.Module] | None:
     if setup_kind == "plain":
         if STATS_KINDS.get(method.name) == "fisher":
@@ -180,7 +173,7 @@ def _heads(
     return {n: h for n, h in heads.items() if h is not None}
 
 
-def _check_surgery(info: MethodInfo, body: Body) -> None:
+def _check_surgery(info: ModelMethod, body: Body) -> None:
     """Representation surgery edits the body's last hidden states; a classifier on a pooler misses them."""
     if info.name == "surgery" and body.shell is not None and getattr(body.module, "pooler", None) is not None:
         raise ConfigError(
@@ -196,14 +189,14 @@ def _tokenizer_digest(root: Path) -> str:
 
 def prepare(cfg: MergeConfig, out: Path, options: RunOptions, config_dir: Path | None) -> Setup:
     """Run every check and load what the merge needs (no forward pass yet); see the module docstring."""
-    info, (params, per_model) = cfg.method, method_params(cfg)
+    info, (params, per_model) = get_method(cfg.merge_method, ModelMethod), method_params(cfg)
     _check_out(out, options.force)
-    device = _device(options.device)
+    device = compute_device(options.device)
     assert cfg.base_model is not None and cfg.data is not None  # checked by MergeConfig
     specs = cfg.merged_specs()
     base = open_model(cfg.base_model, config_dir, options.allow_pickle)
     experts = [open_model(s.model, config_dir, options.allow_pickle) for s in specs]
-    _check_output(out, [m.checkpoint for m in (base, *experts)])
+    check_output_outside(out, [m.checkpoint.ref for m in (base, *experts)])
     check_models(base, experts)
     seed = next(s for s in (cfg.data.seed, options.seed, cfg.seed) if s is not None)
     plans = plan_tasks(cfg.data, specs, [e.trained_on for e in experts], config_dir, seed)
@@ -257,7 +250,7 @@ def _jobs(s: Setup) -> list[StatsJob]:
     ]  # fmt: skip
 
 
-def _run_streaming(s: Setup, out: Path, options: RunOptions, report: Report | None) -> tuple[int, int]:
+def _run_streaming(s: Setup, out: Path, options: RunOptions, report: Progress | None) -> tuple[int, int]:
     data = s.config.data
     assert data is not None
     jobs = _jobs(s)
@@ -282,21 +275,7 @@ def _run_streaming(s: Setup, out: Path, options: RunOptions, report: Report | No
     )
 
 
-@contextlib.contextmanager
-def _atomic_folder(out: Path, force: bool) -> Iterator[Path]:
-    """A temporary sibling of ``out``, renamed to ``out`` when the block succeeds (removed if not)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        _check_out(out, force)
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _run_in_memory(s: Setup, out: Path, options: RunOptions, report: Report | None) -> tuple[int, int]:
+def _run_in_memory(s: Setup, out: Path, options: RunOptions, report: Progress | None) -> tuple[int, int]:
     data = s.config.data
     assert data is not None
     base = copy.deepcopy(s.body.module).eval()
@@ -314,11 +293,11 @@ def _run_in_memory(s: Setup, out: Path, options: RunOptions, report: Report | No
     what = f"running {s.info.name} ({data.budget} examples per task)"
     if report:
         report(what, 0, 1)
-    merged = s.info.fn(problem, s.params)  # type: ignore[call-arg, arg-type]
+    merged = s.info.fn(problem, s.params)
     if report:
         report(what, 1, 1)
-    with _atomic_folder(out, options.force) as tmp:
-        save_merged(merged, tmp, method=s.info.name, params=s.params.model_dump(mode="json", by_alias=True))
+    with atomic_dir(out, exists="replace" if options.force else "error") as tmp:
+        write_merged(merged, tmp, method=s.info.name, params=s.params.model_dump(mode="json", by_alias=True))
         for name in TOKENIZER_FILES:
             if (s.tokenizer_root / name).is_file():
                 shutil.copyfile(s.tokenizer_root / name, tmp / name)
@@ -333,7 +312,7 @@ def run_data_merge(
     options: RunOptions = RunOptions(),
     *,
     config_dir: Path | None = None,
-    progress: Report | None = None,
+    progress: Progress | None = None,
 ) -> MergeResult:
     """Run a config with a ``data:`` section (see the module docstring).
 
@@ -377,3 +356,16 @@ def describe(
             (f"model ({e.kind})", f"{e.ref}: task {p.name}, {p.describe}, {len(t.texts)} examples{state}")
         )
     return rows
+
+
+class DataAware:
+    """The engine :func:`unimerge.execute.run_merge` hands data-aware (model) methods to."""
+
+    def check(self, cfg: MergeConfig, config_dir: Path | None, out_dir: Path, options: RunOptions) -> Check:
+        """Every check short of a forward pass (:func:`describe`)."""
+        return Check(describe(cfg, config_dir, out_dir, allow_pickle=options.allow_pickle))
+
+    def run(self, cfg: MergeConfig, config_dir: Path | None, out_dir: Path, options: RunOptions,
+            progress: Progress | None) -> MergeResult:
+        """:func:`run_data_merge`."""
+        return run_data_merge(cfg, out_dir, options, config_dir=config_dir, progress=progress)

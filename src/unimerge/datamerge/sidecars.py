@@ -2,7 +2,7 @@
 
 RegMean needs each expert's input Gram matrices, Fisher merging each expert's diagonal Fisher; both
 depend on one expert and its own task's data only, so they are computed once per expert, saved at
-:func:`unimerge.modelmerge._stats.sidecar_path` (``EXPERT/unimerge_{gram,fisher}.safetensors``) and
+:func:`unimerge.modelmerge.stats.sidecar_path` (``EXPERT/unimerge_{gram,fisher}.safetensors``) and
 reused by later merges. A sidecar's metadata records ``data_source`` (``suite:quick/rt_sentiment``,
 ``file:data/a.jsonl``), ``budget``, and ``data_hash``: the hash of a recipe holding everything the
 numbers depend on (the data source and the file's sha256, budget, max_length, seed, batch size, bf16,
@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +28,12 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor, nn
 
-from unimerge.cache import sha256_file
 from unimerge.datamerge.data import TaskPlan, TextTask
 from unimerge.datamerge.models import Features, ModelRef
 from unimerge.errors import CheckpointError, MergeError
 from unimerge.io import read_safetensors_header
-from unimerge.modelmerge._stats import (
+from unimerge.io.cache import sha256_file
+from unimerge.modelmerge.stats import (
     STATS_FORMAT,
     collect_fisher,
     collect_grams,
@@ -51,7 +50,7 @@ __all__ = [
     "ensure_sidecars",
     "is_current",
     "recipe_digest",
-    "save_atomic",
+    "save_sidecar",
     "stats_recipe",
 ]
 
@@ -168,20 +167,17 @@ def compute(
     return fisher, seen
 
 
-def save_atomic(
+def save_sidecar(
     path: Path, stats: dict[str, Tensor], *, kind: str, examples: int, meta: dict[str, str]
 ) -> None:
-    """Write a sidecar through a temporary sibling and a rename.
+    """Write a sidecar (all at once, :func:`~unimerge.modelmerge.stats.save_stats`).
 
     Raises:
         MergeError: the expert's folder is not writable (or the disk is full).
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_stats(tmp, stats, kind=kind, examples=examples, extra=meta)
-        os.replace(tmp, path)
+        save_stats(path, stats, kind=kind, examples=examples, extra=meta)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise MergeError(
             f"Cannot write the statistics sidecar {path}: {err.strerror or err}. Sidecars are kept next to "
             "each expert; make its folder writable (or copy the expert to a writable folder)."
@@ -220,6 +216,6 @@ def ensure_sidecars(
             "data_hash": digest,
             "recipe": json.dumps(job.recipe, sort_keys=True, default=str),
         }
-        save_atomic(job.path, stats, kind=kind, examples=used, meta=meta)
+        save_sidecar(job.path, stats, kind=kind, examples=used, meta=meta)
         computed.append(True)
     return computed

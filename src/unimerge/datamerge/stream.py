@@ -31,9 +31,9 @@ from torch import Tensor
 from unimerge.datamerge.models import ModelRef
 from unimerge.io import Checkpoint, OutTensor, ShardedWriter, open_checkpoint
 from unimerge.io.writer import write_model_files
-from unimerge.modelmerge._stats import varying_names
 from unimerge.modelmerge.fisher import fisher_state_dict
 from unimerge.modelmerge.regmean import regmean_state_dict
+from unimerge.modelmerge.stats import varying_names
 
 __all__ = ["OutEntry", "OutputFiles", "StreamInputs", "layout", "merge_one", "stream_merge"]
 

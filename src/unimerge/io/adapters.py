@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from unimerge.errors import CheckpointError
-from unimerge.io.checkpoint import Checkpoint, TensorMeta, open_checkpoint
+from unimerge.io.checkpoint import Checkpoint, TensorMeta, open_path
 
 __all__ = ["LoraCheckpoint", "LoraSettings", "LoraTarget", "open_lora_checkpoint", "read_adapter_config"]
 
@@ -108,7 +108,7 @@ def read_adapter_config(folder: Path) -> LoraSettings:
 def _adapter_weights(folder: Path, allow_pickle: bool) -> Checkpoint:
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
         if (folder / name).is_file():
-            return open_checkpoint(folder / name, allow_pickle=allow_pickle)
+            return open_path(str(folder / name), folder / name, allow_pickle)
     raise CheckpointError(f"No adapter weights in {folder}: expected adapter_model.safetensors.")
 
 

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from unimerge.cache import sha256_file
 from unimerge.errors import CheckpointError
 
 __all__ = [
@@ -34,10 +33,9 @@ __all__ = [
     "PickleCheckpoint",
     "SafetensorsCheckpoint",
     "TensorMeta",
-    "open_checkpoint",
+    "open_path",
     "read_safetensors_header",
     "resolve_inside",
-    "sha256_file",
 ]
 
 # safetensors dtype code -> torch dtype (those this torch build has).
@@ -66,7 +64,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 _READ_CHUNK = 1 << 30  # bytes per pread call (Linux caps one read near 2 GiB)
 _MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 _FIX = "re-download or re-save the file"
-_EXPECTED = (
+EXPECTED_FILES = (
     "model.safetensors, sharded model-*.safetensors with model.safetensors.index.json, "
     "or (with --allow-pickle) pytorch_model.bin"
 )
@@ -403,7 +401,7 @@ def _open_folder(ref: str, folder: Path, allow_pickle: bool) -> Checkpoint:
             f"syntax, e.g. `path/to/base+{ref}`."
         )
     present = ", ".join(sorted(p.name for p in folder.iterdir())[:10]) or "nothing"
-    raise CheckpointError(f"No model weights in {folder} (it holds: {present}). Expected {_EXPECTED}.")
+    raise CheckpointError(f"No model weights in {folder} (it holds: {present}). Expected {EXPECTED_FILES}.")
 
 
 def _open_pickle(ref: str, root: Path, files: list[Path], allow_pickle: bool) -> Checkpoint:
@@ -417,7 +415,8 @@ def _open_pickle(ref: str, root: Path, files: list[Path], allow_pickle: bool) ->
     return PickleCheckpoint.load(ref, root, files)
 
 
-def _open_path(ref: str, path: Path, allow_pickle: bool) -> Checkpoint:
+def open_path(ref: str, path: Path, allow_pickle: bool) -> Checkpoint:
+    """Open an existing folder or file (``ref`` is what the user wrote, for messages)."""
     if path.is_dir():
         return _open_folder(ref, path, allow_pickle)
     if path.name.endswith(".index.json"):
@@ -427,55 +426,5 @@ def _open_path(ref: str, path: Path, allow_pickle: bool) -> Checkpoint:
     if path.suffix in {".bin", ".pt", ".pth"}:
         return _open_pickle(ref, path.parent, [path], allow_pickle)
     raise CheckpointError(
-        f"{path} is not a checkpoint. Expected a folder with {_EXPECTED}, or a .safetensors file."
-    )
-
-
-def _hub_cache(ref: str) -> Path | None:
-    """The cached snapshot of a Hugging Face repo id, if ``huggingface_hub`` has one locally."""
-    if ref.count("/") != 1 or ref.startswith((".", "/")):
-        return None
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(ref, local_files_only=True))
-    except Exception:  # not installed, not cached, or not a repo id
-        return None
-
-
-def open_checkpoint(ref: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
-    """Open a checkpoint lazily (headers only).
-
-    Args:
-        ref: A folder (``model.safetensors``, or shards with ``model.safetensors.index.json``), a
-            ``.safetensors`` file, ``BASE+ADAPTER`` (a PEFT LoRA folder materialised onto BASE), a
-            ``pytorch_model.bin`` folder or file, or a Hugging Face repo id already in the local cache.
-        allow_pickle: Permit pickled ``.bin`` weights (unpickling can run code).
-
-    Raises:
-        CheckpointError: The path is missing, holds no weights, or a file is corrupt or unsafe.
-    """
-    text = str(ref)
-    path = Path(text).expanduser()
-    if path.exists():
-        return _open_path(text, path, allow_pickle)
-    if "+" in text:
-        from unimerge.io.adapters import open_lora_checkpoint
-
-        for i in (i for i, ch in enumerate(text) if ch == "+"):
-            base, adapter = Path(text[:i]).expanduser(), Path(text[i + 1 :]).expanduser()
-            if base.exists() and adapter.exists():
-                return open_lora_checkpoint(
-                    text, _open_path(text[:i], base, allow_pickle), adapter, allow_pickle
-                )
-        raise CheckpointError(
-            f"{text!r} looks like BASE+ADAPTER, but no split of it names two existing paths. "
-            "Check both paths (the adapter is a PEFT folder with adapter_config.json)."
-        )
-    cached = _hub_cache(text)
-    if cached is not None:
-        return _open_path(text, cached, allow_pickle)
-    raise CheckpointError(
-        f"Checkpoint {text!r} not found: no such file or folder (nor a cached Hugging Face repo). "
-        f"Give a local folder with {_EXPECTED}; download hub models first, e.g. `huggingface-cli download {text}`."
+        f"{path} is not a checkpoint. Expected a folder with {EXPECTED_FILES}, or a .safetensors file."
     )

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from unimerge.errors import MergeError
+from unimerge.io.atomic import exists_error, fsync_path, swap_into_place, temp_dir_beside
 from unimerge.io.checkpoint import SAFETENSORS_DTYPES
 
 __all__ = [
@@ -37,8 +37,8 @@ __all__ = [
     "OutTensor",
     "ShardedWriter",
     "copy_model_files",
+    "format_size",
     "parse_size",
-    "swap_into_place",
     "write_model_files",
 ]
 
@@ -166,8 +166,7 @@ class ShardedWriter:
         self._failure: MergeError | None = None
         self._written: set[str] = set()
         self._fds: list[int] = []
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        self._tmp = temp_dir_beside(self.out_dir)
         self._slots: dict[str, _Slot] = {}
         try:
             for i, shard in enumerate(shards):
@@ -180,10 +179,7 @@ class ShardedWriter:
         self, tensors: Sequence[OutTensor], max_shard_bytes: int, metadata: dict[str, str]
     ) -> None:
         if self.out_dir.exists() and not (self._force and self.out_dir.is_dir()):
-            raise MergeError(
-                f"Output folder {self.out_dir} already exists. Pass --force (force=True) to replace it, "
-                "or choose another folder."
-            )
+            raise exists_error(self.out_dir)
         if max_shard_bytes <= 0:
             raise MergeError(f"max_shard_bytes must be positive (got {max_shard_bytes}).")
         seen: set[str] = set()
@@ -200,7 +196,7 @@ class ShardedWriter:
 
     def _open_shard(self, index: int, shard: list[OutTensor], metadata: dict[str, str]) -> None:
         header, starts = _header(shard, metadata)
-        fd = os.open(self._tmp / self._names[index], os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(self._tmp / self._names[index], os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         self._fds.append(fd)
         self._pwrite_all(fd, memoryview(header), 0)
         os.ftruncate(fd, len(header) + sum(t.nbytes for t in shard))
@@ -319,8 +315,8 @@ class ShardedWriter:
         self._fds = []
         for path in self._tmp.rglob("*"):
             if path.is_file() and path.name not in self._names:
-                _fsync_path(path)
-        _fsync_path(self._tmp)
+                fsync_path(path)
+        fsync_path(self._tmp)
 
     def commit(self) -> None:
         """Check every tensor was written, fsync, and rename the temp folder to ``out_dir``.
@@ -379,33 +375,6 @@ class ShardedWriter:
             self.commit()
 
 
-def swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``out``; an existing ``out`` is moved aside first and
-    restored if the rename fails, then removed."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "dir")
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old is not None:
-            os.replace(old / "dir", out)
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    _fsync_path(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def copy_model_files(src_root: Path, writer: ShardedWriter, names: Sequence[str] = MODEL_FILES) -> list[str]:
     """Copy those of ``names`` (default: config, generation config, tokenizer and chat template files)
     present in ``src_root``; returns the names copied."""
@@ -458,3 +427,12 @@ def parse_size(text: str | int) -> int:
     if not math.isfinite(value) or value < 1:
         raise ValueError(f"Size {text!r} must be at least one byte; {fix}.")
     return int(round(value))
+
+
+def format_size(n: float) -> str:
+    """``n`` bytes as ``"1.5 GB"`` (decimal units, as :func:`parse_size` reads them)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"

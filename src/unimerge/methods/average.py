@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from unimerge.errors import ConfigError
-from unimerge.methods._primitives import weighted_sum
-from unimerge.methods._registry import register_method
+from unimerge.methods.primitives import weighted_sum
+from unimerge.methods.registry import register_method
 
 __all__ = ["LinearParams", "linear"]
 

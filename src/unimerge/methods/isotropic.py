@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from unimerge.methods._registry import register_method
+from unimerge.methods.registry import register_method
 from unimerge.methods.subspace import is_matrix_stack, polar_factor, weighted
 
 __all__ = ["IsoCParams", "IsoCtsParams", "iso_c", "iso_cts", "iso_cts_split"]

@@ -24,13 +24,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from unimerge.methods._primitives import (
+from unimerge.methods.primitives import (
     elect_sign,
     expand_like,
     sparsify_magnitude,
     weighted_sum,
 )
-from unimerge.methods._registry import register_method
+from unimerge.methods.registry import register_method
 
 __all__ = [
     "consensus_mask",

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from unimerge.errors import ConfigError
-from unimerge.methods._registry import NoParams, register_method
+from unimerge.methods.registry import NoParams, register_method
 
 __all__ = ["PassthroughModelParams", "passthrough"]
 

@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from torch import Tensor
 
 from unimerge.methods._global import global_magnitude_threshold
-from unimerge.methods._primitives import (
+from unimerge.methods.primitives import (
     SignMethod,
     consensus_sums,
     expand_like,
@@ -63,7 +63,7 @@ from unimerge.methods._primitives import (
     variance_over_models,
     weighted_sum,
 )
-from unimerge.methods._registry import ModelWeight, register_method
+from unimerge.methods.registry import ModelWeight, register_method
 
 __all__ = ["generalized_task_arithmetic", "sce"]
 

@@ -33,8 +33,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from unimerge.methods._primitives import expand_like
-from unimerge.methods._registry import register_method
+from unimerge.methods.primitives import expand_like
+from unimerge.methods.registry import register_method
 
 __all__ = [
     "CartParams",

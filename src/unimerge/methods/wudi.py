@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from unimerge.methods._registry import register_method
+from unimerge.methods.registry import register_method
 from unimerge.methods.subspace import is_matrix_stack, weighted
 
 __all__ = ["WudiParams", "wudi", "wudi_loss", "wudi_optimise", "wudi_quadratic"]

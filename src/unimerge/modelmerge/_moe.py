@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from unimerge.errors import MergeError
-from unimerge.modelmerge._problem import Batch, MergeProblem
+from unimerge.methods import Batch, MergeProblem
 
 __all__ = [
     "ALL_LINEARS",

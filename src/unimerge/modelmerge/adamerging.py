@@ -28,9 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from unimerge.methods._registry import register_method
-from unimerge.modelmerge._problem import Batch, MergedModel, MergeProblem
-from unimerge.modelmerge._stats import autocast, check_experts, count, draw, finish, work_module
+from unimerge.methods import Batch, MergedModel, MergeProblem, register_model_method
+from unimerge.modelmerge.stats import autocast, check_experts, count, draw, finish, work_module
 
 __all__ = [
     "AdaMergingParams",
@@ -188,31 +187,29 @@ def _finish(problem: MergeProblem, res: AdaResult) -> MergedModel:
 _GRID: dict[str, tuple] = {}  # one run at the defaults: each run is minutes of CPU on MiniLM
 
 
-@register_method(
+@register_model_method(
     "task_wise_adamerging",
     params=AdaMergingParams,
     family="data",
     needs_base=True,
     paper="https://arxiv.org/abs/2310.02575",
-    inputs="problem",
     data="unlabeled",
     grid=_GRID,
 )
-def task_wise_adamerging(problem: MergeProblem, params: AdaMergingParams) -> MergedModel:  # type: ignore[misc]
+def task_wise_adamerging(problem: MergeProblem, params: AdaMergingParams) -> MergedModel:
     """Task-wise AdaMerging: one task-arithmetic coefficient per task, learned by entropy minimisation."""
     return _finish(problem, adamerge(problem, params, "task"))
 
 
-@register_method(
+@register_model_method(
     "layer_wise_adamerging",
     params=AdaMergingParams,
     family="data",
     needs_base=True,
     paper="https://arxiv.org/abs/2310.02575",
-    inputs="problem",
     data="unlabeled",
     grid=_GRID,
 )
-def layer_wise_adamerging(problem: MergeProblem, params: AdaMergingParams) -> MergedModel:  # type: ignore[misc]
+def layer_wise_adamerging(problem: MergeProblem, params: AdaMergingParams) -> MergedModel:
     """Layer-wise AdaMerging: one coefficient per task and parameter tensor, learned by entropy minimisation."""
     return _finish(problem, adamerge(problem, params, "layer"))

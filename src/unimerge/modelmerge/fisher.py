@@ -29,10 +29,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from unimerge.methods._primitives import expand_like
-from unimerge.methods._registry import register_method
-from unimerge.modelmerge._problem import Batch, MergedModel, MergeProblem
-from unimerge.modelmerge._stats import (
+from unimerge.methods import Batch, MergedModel, MergeProblem, expand_like, register_model_method
+from unimerge.modelmerge.stats import (
     average_state,
     check_experts,
     collect_fisher,
@@ -154,17 +152,16 @@ def compute_fishers(problem: MergeProblem, params: FisherParams) -> tuple[list[d
     return fishers, used
 
 
-@register_method(
+@register_model_method(
     "fisher",
     params=FisherParams,
     family="data",
     needs_base=True,
     paper="https://arxiv.org/abs/2111.09832",
-    inputs="problem",
     data="labeled",
     grid={"normalize": (False, True)},
 )
-def fisher(problem: MergeProblem, params: FisherParams) -> MergedModel:  # type: ignore[misc]
+def fisher(problem: MergeProblem, params: FisherParams) -> MergedModel:
     """Fisher merging: Fisher-weighted average of the experts (empirical or sampled diagonal Fisher)."""
     check_experts(problem)
     fishers, used = compute_fishers(problem, params)

@@ -26,14 +26,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from unimerge.errors import CheckpointError
+from unimerge.io import atomic_dir
+from unimerge.methods import MergedModel
 from unimerge.modelmerge._moe import count_params, replace_module
-from unimerge.modelmerge._problem import MergedModel
 from unimerge.modelmerge.smile import SmileLinear
 from unimerge.modelmerge.surgery import SurgeryModule
 from unimerge.modelmerge.twin import TwinLinear, TwinModel
 from unimerge.modelmerge.wemoe import WEMoELinear, link_groups
 
-__all__ = ["MODEL_FILE", "load", "load_merged", "save_merged"]
+__all__ = ["MODEL_FILE", "load", "load_merged", "save_merged", "write_merged"]
 
 MODEL_FILE = "unimerge_model.json"
 FORMAT = "unimerge-merged-model/1"
@@ -56,14 +57,32 @@ def _dense_count(inner: nn.Module) -> int:
 
 
 def save_merged(
-    merged: MergedModel, path: str | Path, *, method: str | None = None, params: dict[str, Any] | None = None
+    merged: MergedModel,
+    path: str | Path,
+    *,
+    method: str | None = None,
+    params: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> Path:
-    """Write ``merged`` to the folder ``path`` (see the module docstring); returns the path.
+    """Write ``merged`` to the folder ``path`` (see the module docstring), all at once; returns the path.
 
-    ``method``/``params`` default to what the method recorded on the module.
+    ``method``/``params`` default to what the method recorded on the module. An existing folder is
+    replaced only with ``force``.
+
+    Raises:
+        MergeError: ``path`` exists and ``force`` is not set.
     """
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out, exists="replace" if force else "error") as tmp:
+        write_merged(merged, tmp, method=method, params=params)
+    return out
+
+
+def write_merged(
+    merged: MergedModel, out: Path, *, method: str | None = None, params: dict[str, Any] | None = None
+) -> None:
+    """The files of :func:`save_merged`, written into the existing folder ``out`` (a caller's
+    temporary folder that it renames into place itself)."""
     module = merged.module
     recorded = getattr(module, "unimerge_method", {}) or {}
     wrapper = type(module) in _WRAPPERS.values()
@@ -102,7 +121,6 @@ def save_merged(
     )
     (out / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     (out / "README.md").write_text(_model_card(meta))
-    return out
 
 
 def _model_card(meta: dict[str, Any]) -> str:

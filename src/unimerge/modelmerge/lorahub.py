@@ -27,9 +27,8 @@ from torch import Tensor, nn
 
 from unimerge.core import merge_state_dicts
 from unimerge.errors import ConfigError
-from unimerge.methods._registry import get_method, register_method
-from unimerge.modelmerge._problem import Batch, MergedModel, MergeProblem
-from unimerge.modelmerge._stats import autocast, check_experts, count, draw, finish, load_state, work_module
+from unimerge.methods import Batch, MergedModel, MergeProblem, TensorMethod, get_method, register_model_method
+from unimerge.modelmerge.stats import autocast, check_experts, count, draw, finish, load_state, work_module
 
 __all__ = ["LoraHubParams", "SearchResult", "cma_minimize", "lorahub", "lorahub_search", "task_loss"]
 
@@ -56,8 +55,7 @@ class LoraHubParams(BaseModel):
     def _check(self) -> LoraHubParams:
         if not self.lower <= self.init <= self.upper:
             raise ValueError(f"need lower <= init <= upper, got {self.lower}, {self.init}, {self.upper}")
-        info = get_method(self.method)
-        if info.data != "none":
+        if not isinstance(get_method(self.method), TensorMethod):
             raise ValueError(f"lorahub composes data-free methods; {self.method!r} needs data")
         if "weight" in self.method_params:
             raise ValueError("'weight' is what lorahub searches; do not set it in method_params")
@@ -193,17 +191,16 @@ def lorahub_search(problem: MergeProblem, params: LoraHubParams) -> SearchResult
     return SearchResult(w, score, history, compose(w), max(count(d) for d in data))
 
 
-@register_method(
+@register_model_method(
     "lorahub",
     params=LoraHubParams,
     family="data",
     needs_base=True,
     paper="https://arxiv.org/abs/2307.13269",
-    inputs="problem",
     data="labeled",
     grid={"reg": (0.05,)},
 )
-def lorahub(problem: MergeProblem, params: LoraHubParams) -> MergedModel:  # type: ignore[misc]
+def lorahub(problem: MergeProblem, params: LoraHubParams) -> MergedModel:
     """LoraHub: CMA-ES search of per-model weights of a data-free merge, scored on few labelled examples."""
     res = lorahub_search(problem, params)
     return finish(problem, res.state, res.examples, labeled=True)

@@ -27,9 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from unimerge.errors import PlanError
-from unimerge.methods._registry import register_method
-from unimerge.modelmerge._problem import Batch, MergedModel, MergeProblem
-from unimerge.modelmerge._stats import (
+from unimerge.methods import Batch, MergedModel, MergeProblem, register_model_method
+from unimerge.modelmerge.stats import (
     average_state,
     check_experts,
     collect_grams,
@@ -145,17 +144,16 @@ def compute_grams(problem: MergeProblem, params: RegMeanParams) -> tuple[list[di
     return grams, used
 
 
-@register_method(
+@register_model_method(
     "regmean",
     params=RegMeanParams,
     family="data",
     needs_base=True,
     paper="https://arxiv.org/abs/2212.09849",
-    inputs="problem",
     data="unlabeled",
     grid={"alpha": (0.7, 0.95)},
 )
-def regmean(problem: MergeProblem, params: RegMeanParams) -> MergedModel:  # type: ignore[misc]
+def regmean(problem: MergeProblem, params: RegMeanParams) -> MergedModel:
     """RegMean: per-layer least-squares merge of linear weights from input Gram matrices."""
     check_experts(problem)
     grams, used = compute_grams(problem, params)
@@ -185,17 +183,16 @@ def find_blocks(module: nn.Module) -> tuple[str, list[nn.Module]]:
     return best[1], best[2]
 
 
-@register_method(
+@register_model_method(
     "regmean_plusplus",
     params=RegMeanParams,
     family="data",
     needs_base=True,
     paper="https://arxiv.org/abs/2508.03121",
-    inputs="problem",
     data="unlabeled",
     grid={"alpha": (0.7, 0.95)},
 )
-def regmean_plusplus(problem: MergeProblem, params: RegMeanParams) -> MergedModel:  # type: ignore[misc]
+def regmean_plusplus(problem: MergeProblem, params: RegMeanParams) -> MergedModel:
     """RegMean++: RegMean block by block, each block's inputs from the already-merged blocks."""
     check_experts(problem)
     module = work_module(problem)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from unimerge.methods._registry import register_method
+from unimerge.methods import MergedModel, MergeProblem, register_model_method
 from unimerge.modelmerge._moe import (
     MLP_TARGETS,
     LowRankExperts,
@@ -34,7 +34,6 @@ from unimerge.modelmerge._moe import (
     task_arithmetic_state,
     task_vectors,
 )
-from unimerge.modelmerge._problem import MergedModel, MergeProblem
 
 __all__ = ["SmileLinear", "SmileParams", "smile"]
 
@@ -123,13 +122,12 @@ class SmileLinear(nn.Module):
         return out + self.experts(x, self.routing(x)).to(out.dtype)
 
 
-@register_method(
+@register_model_method(
     "smile",
     params=SmileParams,
     family="moe",
     needs_base=True,
     paper="https://arxiv.org/abs/2408.10174",
-    inputs="problem",
     data="unlabeled",
     grid={"k": (32, 128), "top_k": (1, 2)},
 )

@@ -22,9 +22,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from unimerge.methods._registry import register_method
-from unimerge.modelmerge._problem import Batch, MergedModel, MergeProblem
-from unimerge.modelmerge._stats import (
+from unimerge.methods import Batch, MergedModel, MergeProblem, register_model_method
+from unimerge.modelmerge.stats import (
     autocast,
     average_state,
     check_experts,
@@ -108,17 +107,16 @@ def soup_search(problem: MergeProblem, params: SoupParams) -> tuple[SoupTrace, d
     return trace, average_state([problem.experts[i] for i in trace.chosen]), max(count(d) for d in data)
 
 
-@register_method(
+@register_model_method(
     "greedy_soup",
     params=SoupParams,
     family="data",
     needs_base=True,
     paper="https://arxiv.org/abs/2203.05482",
-    inputs="problem",
     data="labeled",
     grid={"mode": ("skip",)},
 )
-def greedy_soup(problem: MergeProblem, params: SoupParams) -> MergedModel:  # type: ignore[misc]
+def greedy_soup(problem: MergeProblem, params: SoupParams) -> MergedModel:
     """Greedy soup: add experts by held-out accuracy while the uniform average does not get worse."""
     _, merged, used = soup_search(problem, params)
     return finish(problem, merged, used, labeled=True)

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from unimerge.errors import MergeError
-from unimerge.methods._registry import register_method
+from unimerge.methods import MergedModel, MergeProblem, register_model_method
 from unimerge.modelmerge._moe import (
     autocast,
     count_params,
@@ -33,7 +33,6 @@ from unimerge.modelmerge._moe import (
     task_vectors,
     to_device,
 )
-from unimerge.modelmerge._problem import MergedModel, MergeProblem
 
 __all__ = ["SurgeryAdapter", "SurgeryModule", "SurgeryParams", "feature_distance", "surgery", "train_adapter"]
 
@@ -172,13 +171,12 @@ def feature_distance(problem: MergeProblem, rows: list[tuple], adapter: SurgeryA
     return total / max(len(rows), 1)
 
 
-@register_method(
+@register_model_method(
     "surgery",
     params=SurgeryParams,
     family="data",
     needs_base=True,
     paper="https://arxiv.org/abs/2402.02705",
-    inputs="problem",
     data="unlabeled",
     grid={"lambda": (0.3,)},
 )

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from unimerge.methods._registry import register_method
+from unimerge.methods import MergedModel, MergeProblem, register_model_method
 from unimerge.modelmerge._moe import (
     ALL_LINEARS,
     LowRankExperts,
@@ -37,7 +37,6 @@ from unimerge.modelmerge._moe import (
     task_vectors,
     to_device,
 )
-from unimerge.modelmerge._problem import MergedModel, MergeProblem
 
 __all__ = ["Standardize", "TwinLinear", "TwinModel", "TwinParams", "pooled_output", "twin_merging"]
 
@@ -222,13 +221,12 @@ def train_router(router: nn.Module, feats: Tensor, ids: Tensor, params: TwinPara
     return losses
 
 
-@register_method(
+@register_model_method(
     "twin_merging",
     params=TwinParams,
     family="moe",
     needs_base=True,
     paper="https://arxiv.org/abs/2406.15479",
-    inputs="problem",
     data="unlabeled",
     grid={"rank": (16, 64)},
 )

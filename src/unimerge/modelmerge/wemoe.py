@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from unimerge.errors import MergeError
-from unimerge.methods._registry import register_method
+from unimerge.methods import MergedModel, MergeProblem, register_model_method
 from unimerge.modelmerge._moe import (
     MLP_TARGETS,
     autocast,
@@ -44,7 +44,6 @@ from unimerge.modelmerge._moe import (
     task_arithmetic_state,
     task_vectors,
 )
-from unimerge.modelmerge._problem import MergedModel, MergeProblem
 
 __all__ = ["WEMoELinear", "WEMoEParams", "entropy", "link_groups", "routing_summary", "wemoe"]
 
@@ -256,13 +255,12 @@ def train_routers(module: nn.Module, problem: MergeProblem, params: WEMoEParams)
     return losses
 
 
-@register_method(
+@register_model_method(
     "wemoe",
     params=WEMoEParams,
     family="moe",
     needs_base=True,
     paper="https://arxiv.org/abs/2402.00433",
-    inputs="problem",
     data="unlabeled",
     grid={"lambda": (0.3,)},
 )

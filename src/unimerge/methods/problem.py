@@ -1,10 +1,12 @@
 """The one interface between data-aware merging methods and whoever holds models and data.
 
-A data-aware method (Fisher, RegMean, AdaMerging, WEMoE, SMILE, ...) is registered with
-``register_method(..., data="unlabeled" | "labeled", inputs="problem")`` and called as
+A data-aware method (Fisher, RegMean, AdaMerging, WEMoE, SMILE, ...) is a
+:class:`~unimerge.methods.registry.ModelMethod`, registered with
+``register_model_method(..., data="unlabeled" | "labeled")`` and called as
 ``fn(problem, params) -> MergedModel``. It gets everything from :class:`MergeProblem` and nothing
-else: the benchmark builds one from a suite (``unimerge.bench``), a user builds one from their own
-``nn.Module`` and data loaders.
+else: the benchmark builds one from a suite (``unimerge.bench``), a config's ``data:`` section builds
+one through :mod:`unimerge.datamerge`, a user builds one from their own ``nn.Module`` and data loaders.
+These types live with the registry because they are the signature of a model method.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ Batch = dict[str, Tensor]  # model inputs (e.g. input_ids, attention_mask); "lab
 class TaskSource(Protocol):
     """One task: its name, its head, and a way to draw (un)labelled training batches.
 
-    ``unimerge.bench.tasks.TaskData`` satisfies this protocol.
+    ``unimerge.data.TaskData`` satisfies this protocol.
     """
 
     name: str

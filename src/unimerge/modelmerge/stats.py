@@ -28,7 +28,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from unimerge.errors import CheckpointError, PlanError
-from unimerge.modelmerge._problem import Batch, MergedModel, MergeProblem
+from unimerge.io import atomic_file
+from unimerge.methods import Batch, MergedModel, MergeProblem
 
 __all__ = [
     "STATS_FORMAT",
@@ -81,12 +82,13 @@ def save_stats(
     examples: int,
     extra: Mapping[str, str] | None = None,
 ) -> Path:
-    """Save per-tensor statistics as a safetensors file with ``format``/``kind``/``examples`` metadata."""
+    """Save per-tensor statistics as a safetensors file with ``format``/``kind``/``examples`` metadata
+    (all at once: a temporary sibling renamed into place)."""
     meta = {**(extra or {}), "format": STATS_FORMAT, "kind": kind, "examples": str(int(examples))}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in stats.items()}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=meta)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

@@ -8,10 +8,13 @@ read per file version, not one per merge.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
+
+from unimerge.io.atomic import atomic_write_text
 
 __all__ = ["cache_root", "sha256_file"]
 
@@ -49,11 +52,6 @@ def sha256_file(path: str | os.PathLike[str], *, use_cache: bool = True) -> str:
     except (OSError, ValueError, KeyError):
         pass
     digest = _digest(p)
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"path": str(p), "sha256": digest}))
-        os.replace(tmp, entry)
-    except OSError:
-        pass  # a read-only cache only costs speed
+    with contextlib.suppress(OSError):  # a read-only cache only costs speed
+        atomic_write_text(entry, json.dumps({"path": str(p), "sha256": digest}))
     return digest
