@@ -7,7 +7,10 @@ The public surface is :data:`__all__` (checked by ``tests/test_public_api.py``):
   :func:`plan_config` only validates and plans it;
 - data-aware merges on ``nn.Module`` s: :class:`MergeProblem` -> :class:`MergedModel`
   (see :mod:`unimerge.modelmerge`); :func:`save_merged` / :func:`load` for routed models;
-- the method registry: :func:`list_methods`, :func:`get_method`, :func:`register_method`;
+- from files: :func:`check_merge` runs every check a merge makes, without merging;
+- the method registry, two typed kinds: :class:`TensorMethod` (data-free, per tensor, registered with
+  :func:`register_method`) and :class:`ModelMethod` (data-aware, :func:`register_model_method`);
+  :func:`list_methods`, :func:`get_method`;
 - errors: :class:`UnimergeError` and its subclasses.
 
 Names are imported on first use (PEP 562, as SciPy does), so ``import unimerge.cli`` does not pay
@@ -24,9 +27,18 @@ if TYPE_CHECKING:
     from unimerge.config import MergeConfig, load_config
     from unimerge.core import merge_state_dicts
     from unimerge.errors import CheckpointError, ConfigError, MergeError, PlanError, UnimergeError
-    from unimerge.execute import MergeResult, RunOptions, plan_config, run_merge
-    from unimerge.methods import MethodInfo, get_method, list_methods, register_method
-    from unimerge.modelmerge import MergedModel, MergeProblem
+    from unimerge.execute import Check, MergeResult, RunOptions, check_merge, plan_config, run_merge
+    from unimerge.methods import (
+        MergedModel,
+        MergeProblem,
+        MethodInfo,
+        ModelMethod,
+        TensorMethod,
+        get_method,
+        list_methods,
+        register_method,
+        register_model_method,
+    )
     from unimerge.modelmerge.load import load, load_merged, save_merged
 
 __version__ = "0.1.0"
@@ -35,14 +47,24 @@ _SOURCES = {
     "unimerge.config": ("MergeConfig", "load_config"),
     "unimerge.core": ("merge_state_dicts",),
     "unimerge.errors": ("CheckpointError", "ConfigError", "MergeError", "PlanError", "UnimergeError"),
-    "unimerge.execute": ("MergeResult", "RunOptions", "plan_config", "run_merge"),
-    "unimerge.methods": ("MethodInfo", "get_method", "list_methods", "register_method"),
-    "unimerge.modelmerge": ("MergedModel", "MergeProblem"),
+    "unimerge.execute": ("Check", "MergeResult", "RunOptions", "check_merge", "plan_config", "run_merge"),
+    "unimerge.methods": (
+        "MergedModel",
+        "MergeProblem",
+        "MethodInfo",
+        "ModelMethod",
+        "TensorMethod",
+        "get_method",
+        "list_methods",
+        "register_method",
+        "register_model_method",
+    ),
     "unimerge.modelmerge.load": ("load", "load_merged", "save_merged"),
 }
 _MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}  # == __all__ (tested)
 
 __all__ = [
+    "Check",
     "CheckpointError",
     "ConfigError",
     "MergeConfig",
@@ -51,9 +73,12 @@ __all__ = [
     "MergeResult",
     "MergedModel",
     "MethodInfo",
+    "ModelMethod",
     "PlanError",
     "RunOptions",
+    "TensorMethod",
     "UnimergeError",
+    "check_merge",
     "get_method",
     "list_methods",
     "load",
@@ -62,6 +87,7 @@ __all__ = [
     "merge_state_dicts",
     "plan_config",
     "register_method",
+    "register_model_method",
     "run_merge",
     "save_merged",
 ]
