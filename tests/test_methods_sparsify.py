@@ -12,12 +12,37 @@ import torch
 from unimerge.core import merge_state_dicts
 from unimerge.errors import ConfigError
 from unimerge.methods import get_method
+from unimerge.methods.sce import SCEParams, sce
+from unimerge.methods.sparsify import (
+    BreadcrumbsParams,
+    BreadcrumbsTiesParams,
+    DareLinearParams,
+    DareTiesParams,
+    DellaLinearParams,
+    DellaParams,
+    MagnitudePruneParams,
+    TaskArithmeticParams,
+    TiesParams,
+    breadcrumbs,
+    breadcrumbs_ties,
+    dare_linear,
+    dare_ties,
+    della,
+    della_linear,
+    magnitude_prune,
+    task_arithmetic,
+    ties,
+)
 
 T1 = torch.tensor([1.0, -2.0, 3.0, -0.5, 0.1])
 T2 = torch.tensor([-1.5, 1.0, 2.0, 0.2, -4.0])
 T3 = torch.tensor([0.5, -0.3, -1.0, 2.5, 0.0])
 ZERO = {"w": torch.zeros(5)}
 EXPERTS = [{"w": t} for t in (T1, T2, T3)]
+
+TAUS = torch.tensor(  # three task vectors, stacked (3, 6); methods overwrite x: pass a clone
+    [[4.0, -1.0, 2.0, -3.0, 0.5, 1.0], [2.0, 3.0, 1.0, -1.0, -5.0, 0.2], [1.0, -2.5, 4.0, 2.0, 3.0, -0.1]]
+)
 
 GTA = ["task_arithmetic", "magnitude_prune", "ties", "dare_linear", "dare_ties", "breadcrumbs",
        "breadcrumbs_ties", "della_linear", "della"]  # fmt: skip
@@ -43,6 +68,51 @@ def test_ties_hand_computed():
     torch.testing.assert_close(
         merged("ties", density=0.6, normalize=False), torch.tensor([1.5, -2.0, 5.0, 2.5, -4.0])
     )
+
+
+def test_ties_called_directly_hand_computed():
+    pm = {"weight": torch.tensor([1.0, 2.0, 0.5]), "density": torch.full((3,), 0.5)}
+    # trim k = int(0.5*6) = 3: [4,0,2,-3,0,0], [2,3,0,0,-5,0], [0,-2.5,4,0,3,0]
+    # weighted (1, 2, .5): [4,0,2,-3,0,0], [4,6,0,0,-10,0], [0,-1.25,2,0,1.5,0]
+    # sums [8,4.75,4,-3,-8.5,0] elect [+,+,+,-,-,+]; agreeing sums [8,6,4,-3,-10,0]
+    # divided by the agreeing models' weights [1+2, 2, 1+.5, 1, 2, none -> 1]
+    mean = torch.tensor([8 / 3, 3.0, 8 / 3, -3.0, -5.0, 0.0])
+    torch.testing.assert_close(ties(TAUS.clone(), TiesParams(), pm, base=None, generator=None), mean)
+    half = TiesParams(**{"lambda": 0.5})
+    assert half == TiesParams(lambda_=0.5) and half.normalize and half.trim_scope == "tensor"
+    torch.testing.assert_close(ties(TAUS.clone(), half, pm, base=None, generator=None), mean * 0.5)
+    summed = ties(TAUS.clone(), TiesParams(normalize=False), pm, base=None, generator=None)
+    torch.testing.assert_close(summed, torch.tensor([8.0, 6.0, 4.0, -3.0, -10.0, 0.0]))
+
+
+def test_dare_ties_called_directly_at_full_density():
+    pm = {"weight": torch.ones(3), "density": torch.ones(3)}  # nothing dropped, nothing rescaled
+    g = torch.Generator().manual_seed(0)
+    # sums [7,-.5,7,-2,-1.5,1.1] elect [+,-,+,-,-,+]; dare_ties adds the agreeing entries (normalize off)
+    out = dare_ties(TAUS.clone(), DareTiesParams(), pm, base=None, generator=g)
+    torch.testing.assert_close(out, torch.tensor([7.0, -3.5, 7.0, -4.0, -5.0, 1.2]))
+    out = dare_ties(TAUS.clone(), DareTiesParams(normalize=True), pm, base=None, generator=g)
+    torch.testing.assert_close(out, torch.tensor([7 / 3, -1.75, 7 / 3, -2.0, -5.0, 0.6]))
+
+
+@pytest.mark.parametrize(
+    ("fn", "params"),
+    [
+        (task_arithmetic, TaskArithmeticParams),
+        (magnitude_prune, MagnitudePruneParams),
+        (ties, TiesParams),
+        (dare_linear, DareLinearParams),
+        (dare_ties, DareTiesParams),
+        (breadcrumbs, BreadcrumbsParams),
+        (breadcrumbs_ties, BreadcrumbsTiesParams),
+        (della_linear, DellaLinearParams),
+        (della, DellaParams),
+        (sce, SCEParams),
+    ],
+)
+def test_each_method_is_its_own_function_and_params_class(fn, params):
+    info = get_method(fn.__name__)
+    assert info.fn is fn and info.params is params
 
 
 def test_ties_zero_sum_elects_plus_and_all_zero_entries_stay_zero():
