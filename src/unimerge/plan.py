@@ -344,11 +344,11 @@ def _edge_jobs(config: MergeConfig, cks: list[Checkpoint], index: dict[str, int]
             continue
         srcs = tuple(Source(index[s.model], name) for s in specs)
         b = Source(index[base_src.model], name) if base_src is not None and info.uses_base else None
-        entries = [(cks[s.model].ref, cks[s.model].tensors().get(name)) for s in (*srcs, *filter(None, [b]))]
-        missing = [r for r, m in entries if m is None]
-        if missing:
-            raise PlanError(f"Tensor {name!r} is missing from {missing}.")
-        _check_shapes([(name, entries)])  # type: ignore[list-item]
+        found = [(cks[s.model].ref, cks[s.model].tensors().get(name)) for s in (*srcs, *filter(None, [b]))]
+        entries = [(r, m) for r, m in found if m is not None]
+        if len(entries) < len(found):
+            raise PlanError(f"Tensor {name!r} is missing from {[r for r, m in found if m is None]}.")
+        _check_shapes([(name, entries)])
         p, pm = resolve(name, 0.0 if pre else 1.0, specs)
         jobs.append(TensorJob(name, meta.shape, _out_dtype(config, meta), srcs, b, p, pm))
     return jobs

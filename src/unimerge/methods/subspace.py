@@ -143,16 +143,22 @@ class TSVFactors:
     vh: Tensor | None = None
     dense: Tensor | None = None
 
+    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(u, s, vh)`` of a factored (2-D) tensor."""
+        if self.u is None or self.s is None or self.vh is None:
+            raise ValueError("this tensor is stored dense (it is not 2-D): it has no factors")
+        return self.u, self.s, self.vh
+
     @property
     def n_tasks(self) -> int:
-        return int((self.s if self.s is not None else self.dense).shape[0])  # type: ignore[union-attr]
+        return int(self.dense.shape[0] if self.dense is not None else self.factors()[1].shape[0])
 
     @property
     def stored_numbers(self) -> int:
         """Numbers stored for all tasks (``r (m + k + 1)`` per task for a matrix)."""
         if self.dense is not None:
             return self.dense.numel()
-        return self.u.numel() + self.s.numel() + self.vh.numel()  # type: ignore[union-attr]
+        return sum(t.numel() for t in self.factors())
 
     @property
     def storage_ratio(self) -> float:
@@ -186,7 +192,8 @@ def tsv_reconstruct(factors: TSVFactors, task: int) -> Tensor:
         raise ValueError(f"task index {task} out of range for {factors.n_tasks} compressed tasks")
     if factors.dense is not None:
         return factors.dense[task].clone()
-    return (factors.u[task] * factors.s[task]) @ factors.vh[task]  # type: ignore[index]
+    u, s, vh = factors.factors()
+    return (u[task] * s[task]) @ vh[task]
 
 
 # ----------------------------------------------------------------------------- CART
