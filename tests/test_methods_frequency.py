@@ -15,7 +15,7 @@ from unimerge import merge_state_dicts
 from unimerge.cli import app
 from unimerge.errors import CheckpointError, ConfigError
 from unimerge.methods.frequency import fr_coefficients, free_expert, high_pass
-from unimerge.taskexperts import (
+from unimerge.taskmodels import (
     compute_task_experts,
     is_task_experts_file,
     load_expert_model,

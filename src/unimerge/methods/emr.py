@@ -6,7 +6,7 @@ https://arxiv.org/abs/2405.17461, code ``harveyhuang18/EMR_Merging`` (``emr_merg
 EMR elects one unified task vector ``tau_uni`` (per entry: the sign of the summed task vectors, and
 the largest magnitude among the tasks that agree with it), and keeps per task a binary mask
 ``M_t = 1[tau_t * tau_uni > 0]`` and a scalar rescaler ``lambda_t``, so that task ``t`` is rebuilt as
-``W_t = W_base + lambda_t * M_t * tau_uni`` (see :mod:`unimerge.taskmasks`, which stores them).
+``W_t = W_base + lambda_t * M_t * tau_uni`` (see :mod:`unimerge.taskmodels.masks`, which stores them).
 
 As a merge method (no task given) ``emr`` returns ``W_base + lambda * tau_uni``: the unified model
 without task-specific modulators. ``lambda`` is our addition (1.0 = the paper's unified vector).
@@ -85,7 +85,7 @@ def emr_rescalers(pairs: Iterable[tuple[Tensor, Tensor, Tensor]], n_tasks: int) 
 def emr(x: Tensor, params: EmrParams, per_model: Mapping[str, Tensor], *, base, generator) -> Tensor:
     """EMR-Merging's unified task vector (no task modulators): ``lambda * tau_uni`` of ``w_i * tau_i``.
 
-    For a task-specific model use :func:`unimerge.taskmasks.compute_task_masks` with ``method="emr"``.
+    For a task-specific model use :func:`unimerge.taskmodels.compute_task_masks` with ``method="emr"``.
     """
     tau_uni, _ = emr_elect(x * expand_like(per_model["weight"], x))
     return params.lambda_ * tau_uni

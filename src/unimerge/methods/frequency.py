@@ -18,7 +18,7 @@ every choice the paper leaves open is listed at the end with the resolution take
 the paper finds carry the task-specific information that interferes between tasks.
 
 **FREE-Merging's lightweight experts** (:func:`free_experts`; stored and applied per task by
-:mod:`unimerge.taskexperts`, ``unimerge masks --kind free_merging`` / ``unimerge task``)::
+:mod:`unimerge.taskmodels.experts`, ``unimerge masks --kind free_merging`` / ``unimerge task``)::
 
     e_i = mu_i * M(v_i, d),    mu_i = -E(M(v_i, d)) * log(d) / (lambda_i * E(v_i))
     theta_t = theta_m + e_t

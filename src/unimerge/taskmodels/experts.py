@@ -4,57 +4,100 @@ Zheng & Wang, ICCV 2025, https://arxiv.org/abs/2411.16815 (formulas and the ambi
 :mod:`unimerge.methods.frequency`). Task ``t`` is rebuilt as ``W_t = W_base + tau_FR + e_t``, where
 ``tau_FR`` is ``fr_merging``'s merged task vector and ``e_t = mu_t * M(tau_t, d)`` keeps the top ``d``
 fraction of task ``t``'s vector per tensor, rescaled. The paper picks the expert with a trained router;
-here the task is named (``unimerge task --task NAME``), as for EMR's masks (:mod:`unimerge.taskmasks`).
+here the task is named (``unimerge task --task NAME``), as for EMR's masks (:mod:`unimerge.taskmodels.masks`).
 
-File format (one safetensors file, metadata ``format = "unimerge.taskexperts"``)::
-
-    vector::{tensor}        the FR-Merging task vector tau_FR, (*shape), float
-    index::{i}::{tensor}    task i's expert: flat indices (k,), int32 (int64 past 2**31 entries)
-    value::{i}::{tensor}    task i's expert values mu_i * tau_i[index], (k,), float32
-    metadata                format, version, method ("free_merging"), tasks (JSON), params (JSON)
-
-With ``d = 0.01`` each task adds about 8% of the model's float32 bytes (1% of entries, 8 bytes each).
-:func:`load_expert_model` reads only the chosen task's experts. ``state_is="merged"`` takes the FR-merged
-model ``W_base + tau_FR`` (the output of ``unimerge merge`` with ``fr_merging``) instead of the base.
+They are stored in a task expert file (format ``unimerge.taskexperts``, see
+:mod:`unimerge.taskmodels.fileformat`). With ``d = 0.01`` each task adds about 8% of the model's float32
+bytes (1% of entries, 8 bytes each). :func:`load_expert_model` reads only the chosen task's experts.
+``state_is="merged"`` takes the FR-merged model ``W_base + tau_FR`` (the output of ``unimerge merge``
+with ``fr_merging``) instead of the base.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
-from unimerge.errors import CheckpointError, ConfigError
+from unimerge.errors import ConfigError
 from unimerge.methods.frequency import FrParams, fr_merging, free_experts
-from unimerge.taskmasks import (
+from unimerge.taskmodels.common import (
+    ExpertStates,
     StateKind,
-    _check,
-    _named,
-    _stacked_deltas,
-    _task_index,
-    _vector_names,
-    save_tensors_atomic,
+    check_state_kind,
+    compute_dtype,
+    named_experts,
+    rebuild_state,
+    stacked_deltas,
+)
+from unimerge.taskmodels.fileformat import (
+    TaskFile,
+    index_key,
+    open_task_file,
+    task_index,
+    task_metadata,
+    value_key,
+    vector_key,
+    write_task_file,
 )
 
 __all__ = [
+    "ExpertTask",
     "TaskExperts",
+    "add_expert",
     "compute_task_experts",
-    "is_task_experts_file",
+    "expert_task",
     "load_expert_model",
     "load_task_experts",
+    "rebuild_expert",
     "save_task_experts",
     "task_experts_state_dict",
 ]
 
-_FORMAT = "unimerge.taskexperts"
-_VERSION = "1"
+
+def add_expert(out: Tensor, idx: Tensor, val: Tensor) -> Tensor:
+    """``out`` with ``val`` (k,) added at flat ``idx`` (k,) (in place, returned)."""
+    if idx.numel():
+        out.view(-1).index_add_(0, idx.to(out.device, torch.int64), val.to(out.device, out.dtype))
+    return out
+
+
+def rebuild_expert(w: Tensor, v: Tensor, idx: Tensor, val: Tensor, state_is: StateKind = "base") -> Tensor:
+    """``base + v + expert`` in float32 (float64 kept), where ``base = w`` or ``w - v``; ``w``'s dtype."""
+    cdtype = compute_dtype(w.dtype)
+    out = w.to(cdtype) if state_is == "merged" else w.to(cdtype) + v.to(w.device, cdtype)
+    return add_expert(out.clone() if out is w else out, idx, val).to(w.dtype)
+
+
+@dataclass(frozen=True)
+class ExpertTask:
+    """One task of an expert file (or of a :class:`TaskExperts`), rebuilt one tensor at a time.
+
+    Attributes:
+        shapes: covered tensor name -> shape.
+        vector: tensor name -> ``tau_FR`` ``(*shape)`` (not read for a merged state).
+        expert: tensor name -> the task's expert ``(flat indices (k,), values (k,))``.
+    """
+
+    shapes: Mapping[str, torch.Size]
+    vector: Callable[[str], Tensor]
+    expert: Callable[[str], tuple[Tensor, Tensor]]
+
+    def apply(self, key: str, w: Tensor, state_is: StateKind = "base") -> Tensor:
+        """``W_t = W_base + tau_FR + e_t`` for tensor ``key`` from ``w`` (base or FR-merged)."""
+        v = self.vector(key) if state_is == "base" else torch.zeros(())
+        return rebuild_expert(w, v, *self.expert(key), state_is)
+
+
+def expert_task(tf: TaskFile, i: int) -> ExpertTask:
+    """Task ``i`` of an opened expert file; each tensor's vector and expert are read when applied."""
+    return ExpertTask(tf.shapes, tf.vector, functools.partial(tf.expert, i))
 
 
 @dataclass(frozen=True)
@@ -75,20 +118,33 @@ class TaskExperts:
 
     def index(self, task: str | int) -> int:
         """Position of ``task`` (a name or an index); unknown tasks raise :class:`ConfigError`."""
-        return _task_index(self.tasks, task)
+        return task_index(self.tasks, task)
 
     def task_delta(self, task: str | int) -> dict[str, Tensor]:
         """Task ``t``'s rebuilt task vector ``tau_FR + e_t`` per tensor."""
         i = self.index(task)
-        return {name: _add_expert(v.clone(), *self.experts[name][i]) for name, v in self.vector.items()}
+        return {name: add_expert(v.clone(), *self.experts[name][i]) for name, v in self.vector.items()}
 
     def num_expert_entries(self) -> int:
         """Stored expert entries over all tasks and tensors."""
         return sum(int(idx.numel()) for per_task in self.experts.values() for idx, _ in per_task)
 
+    def view(self, task: str | int) -> ExpertTask:
+        """Task ``task`` as an :class:`ExpertTask`."""
+        i = self.index(task)
+        shapes = {k: v.shape for k, v in self.vector.items()}
+        return ExpertTask(shapes, self.vector.__getitem__, lambda k: self.experts[k][i])
+
+
+def _fr_params(cutoff: float, lambda_: float) -> FrParams:
+    try:
+        return FrParams.model_validate({"cutoff": cutoff, "lambda": lambda_})
+    except ValueError as err:
+        raise ConfigError(f"Invalid FR-Merging parameters: {err}") from None
+
 
 def compute_task_experts(
-    experts: Mapping[str, Mapping[str, Tensor]] | Sequence[Mapping[str, Tensor]],
+    experts: ExpertStates,
     base: Mapping[str, Tensor],
     *,
     cutoff: float = 0.1,
@@ -109,7 +165,7 @@ def compute_task_experts(
     Returns:
         The :class:`TaskExperts`, vector in float32 (float64 for a float64 base).
     """
-    names, sds = _named(experts)
+    names, sds = named_experts(experts)
     if not sds:
         raise ConfigError("compute_task_experts needs at least one expert state dict.")
     if not 0.0 < density < 1.0:
@@ -117,31 +173,21 @@ def compute_task_experts(
     w = [1.0] * len(sds) if weights is None else [float(v) for v in weights]
     if len(w) != len(sds):
         raise ConfigError(f"weights has {len(w)} values for {len(sds)} experts; give one per expert.")
-    try:
-        params = FrParams.model_validate({"cutoff": cutoff, "lambda": lambda_})
-    except ValueError as err:
-        raise ConfigError(f"Invalid FR-Merging parameters: {err}") from None
+    params = _fr_params(cutoff, lambda_)
     per_model = {"weight": torch.tensor(w)}
     vector: dict[str, Tensor] = {}
     sparse: dict[str, list[tuple[Tensor, Tensor]]] = {}
-    for key, x in _stacked_deltas(names, sds, base):
+    for key, x in stacked_deltas(names, sds, base):  # x: (n, *shape)
         sparse[key] = free_experts(x, density)  # before fr_merging, which may overwrite x
         vector[key] = fr_merging(x, params, per_model, base=None, generator=None)
     info = {"cutoff": cutoff, "lambda": lambda_, "density": density, "weights": w}
     return TaskExperts(tuple(names), vector, sparse, info)
 
 
-def _add_expert(out: Tensor, idx: Tensor, val: Tensor) -> Tensor:
-    """``out`` with ``val`` added at flat ``idx`` (in place, returned)."""
-    if idx.numel():
-        out.view(-1).index_add_(0, idx.to(out.device, torch.int64), val.to(out.device, out.dtype))
-    return out
-
-
 def save_task_experts(
     path: str | os.PathLike, te: TaskExperts, *, vector_dtype: torch.dtype | None = None
 ) -> int:
-    """Write ``te`` to a safetensors file (atomically) and return its size in bytes.
+    """Write ``te`` to a task expert file (all at once, deterministic bytes); returns its size in bytes.
 
     Args:
         path: output file.
@@ -150,71 +196,21 @@ def save_task_experts(
     """
     tensors: dict[str, Tensor] = {}
     for key, v in te.vector.items():
-        tensors[f"vector::{key}"] = v.to(vector_dtype or v.dtype).contiguous()
+        tensors[vector_key(key)] = v.to(vector_dtype or v.dtype).contiguous()
         itype = torch.int32 if v.numel() < 2**31 else torch.int64
         for i, (idx, val) in enumerate(te.experts[key]):
-            tensors[f"index::{i}::{key}"] = idx.to(itype).contiguous()
-            tensors[f"value::{i}::{key}"] = val.float().contiguous()
-    meta = {
-        "format": _FORMAT,
-        "version": _VERSION,
-        "method": "free_merging",
-        "tasks": json.dumps(list(te.tasks)),
-        "params": json.dumps(te.params),
-    }
-    return save_tensors_atomic(path, tensors, meta)
-
-
-def _metadata(path: str | os.PathLike) -> dict[str, str] | None:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return handle.metadata() or {}
-    except Exception:  # not a safetensors file at all
-        return None
-
-
-def is_task_experts_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a file written by :func:`save_task_experts`."""
-    meta = _metadata(path) if Path(path).is_file() else None
-    return meta is not None and meta.get("format") == _FORMAT
-
-
-def _open(path: str | os.PathLike):
-    if not Path(path).is_file():
-        raise CheckpointError(
-            f"Task expert file {str(path)!r} does not exist; create it with `unimerge masks --kind free_merging`."
-        )
-    if not is_task_experts_file(path):
-        raise CheckpointError(f"{str(path)!r} is not a unimerge task expert file (FREE-Merging).")
-    handle = safe_open(str(path), framework="pt")
-    return handle, handle.metadata()
+            tensors[index_key(i, key)] = idx.to(itype).contiguous()
+            tensors[value_key(i, key)] = val.float().contiguous()
+    meta = task_metadata("experts", "free_merging", te.tasks, params=json.dumps(te.params))
+    return write_task_file(path, tensors, meta)
 
 
 def load_task_experts(path: str | os.PathLike) -> TaskExperts:
     """Read a whole task expert file (all tasks) back into a :class:`TaskExperts`."""
-    handle, meta = _open(path)
-    tasks = tuple(json.loads(meta["tasks"]))
-    vector: dict[str, Tensor] = {}
-    sparse: dict[str, list[tuple[Tensor, Tensor]]] = {}
-    for key in _vector_names(handle):
-        vector[key] = handle.get_tensor(f"vector::{key}")
-        sparse[key] = [
-            (handle.get_tensor(f"index::{i}::{key}").long(), handle.get_tensor(f"value::{i}::{key}"))
-            for i in range(len(tasks))
-        ]
-    return TaskExperts(tasks, vector, sparse, json.loads(meta.get("params", "{}")))
-
-
-def _rebuild(w: Tensor, v: Tensor, idx: Tensor, val: Tensor, state_is: StateKind) -> Tensor:
-    """``base + v + expert`` in float32 (float64 kept), where ``base = w`` or ``w - v``."""
-    cdtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-    out = w.to(cdtype) if state_is == "merged" else w.to(cdtype) + v.to(w.device, cdtype)
-    return _add_expert(out.clone() if out is w else out, idx, val).to(w.dtype)
-
-
-def _state_kind(state_is: str) -> None:
-    if state_is not in ("base", "merged"):
-        raise ConfigError(f"state_is must be 'base' or 'merged', not {state_is!r}.")
+    tf = open_task_file(path, "experts")
+    vector = {key: tf.vector(key) for key in tf.shapes}
+    sparse = {key: [tf.expert(i, key) for i in range(len(tf.tasks))] for key in tf.shapes}
+    return TaskExperts(tf.tasks, vector, sparse, json.loads(tf.metadata.get("params", "{}")))
 
 
 def load_expert_model(
@@ -238,27 +234,13 @@ def load_expert_model(
     Returns:
         ``W_t = W_base + tau_FR + e_t`` per tensor, in ``state``'s dtypes.
     """
-    _state_kind(state_is)
-    handle, meta = _open(experts_file)
-    i = _task_index(json.loads(meta["tasks"]), task)
-    out = dict(state)
-    for key in _vector_names(handle):
-        shape = torch.Size(handle.get_slice(f"vector::{key}").get_shape())
-        _check(state, key, shape, str(experts_file))
-        v = handle.get_tensor(f"vector::{key}") if state_is == "base" else torch.zeros(())
-        idx = handle.get_tensor(f"index::{i}::{key}").long()
-        out[key] = _rebuild(state[key], v, idx, handle.get_tensor(f"value::{i}::{key}"), state_is)
-    return out
+    check_state_kind(state_is)
+    tf = open_task_file(experts_file, "experts")
+    return rebuild_state(state, expert_task(tf, tf.index(task)), str(experts_file), state_is)
 
 
 def task_experts_state_dict(
     state: Mapping[str, Tensor], te: TaskExperts, task: str | int, *, state_is: StateKind = "base"
 ) -> dict[str, Tensor]:
     """In-memory counterpart of :func:`load_expert_model` for a :class:`TaskExperts`."""
-    _state_kind(state_is)
-    i = te.index(task)
-    out = dict(state)
-    for key, v in te.vector.items():
-        _check(state, key, v.shape, "the task experts")
-        out[key] = _rebuild(state[key], v, *te.experts[key][i], state_is)
-    return out
+    return rebuild_state(state, te.view(task), "the task experts", state_is)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from unimerge.core import merge_state_dicts
 from unimerge.errors import CheckpointError, ConfigError, PlanError
-from unimerge.taskmasks import (
+from unimerge.taskmodels import (
     compute_task_masks,
     load_task_masks,
     load_task_model,
