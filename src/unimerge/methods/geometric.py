@@ -69,7 +69,7 @@ class SlerpParams(BaseModel):
     """``t``: 0 returns the base, 1 the other model (mergekit requires it; we default to 0.5)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    t: float = Field(default=0.5, ge=0.0, le=1.0)
+    t: float = Field(default=0.5, ge=0.0, le=1.0, description="Interpolation factor: 0 gives the base, 1 the other model.")
 
 
 def slerp_pair(
@@ -146,8 +146,8 @@ class NuSlerpParams(BaseModel):
     """mergekit's global NuSLERP options."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    nuslerp_flatten: bool = True
-    nuslerp_row_wise: bool = False
+    nuslerp_flatten: bool = Field(default=True, description="Interpolate each tensor as one flat vector.")
+    nuslerp_row_wise: bool = Field(default=False, description="Interpolate row vectors (else columns) when not flattened.")
 
 
 def nuslerp_pair(
@@ -234,8 +234,8 @@ class MultiSlerpParams(BaseModel):
     """mergekit's Multi-SLERP options."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    normalize_weights: bool = True
-    eps: float = Field(default=1e-8, gt=0.0, le=1e-2)
+    normalize_weights: bool = Field(default=True, description="Divide the weights by their sum.")
+    eps: float = Field(default=1e-8, gt=0.0, le=1e-2, description="Guard against division by zero norms.")
 
 
 @register_method(
@@ -300,7 +300,7 @@ class ModelStockParams(BaseModel):
     """``filter_wise``: one ratio per row (last dimension) instead of one per tensor."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    filter_wise: bool = False
+    filter_wise: bool = Field(default=False, description="One interpolation ratio per output row instead of per tensor.")
 
 
 def model_stock_ratio(x: Tensor, filter_wise: bool = False) -> Tensor:
@@ -366,7 +366,7 @@ class NearSwapParams(BaseModel):
     """``t``: the sameness threshold, in weight units (mergekit requires it; we default to 1e-4)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    t: float = Field(default=1e-4, gt=0.0, le=1e3)
+    t: float = Field(default=1e-4, gt=0.0, le=1e3, description="Sameness threshold, in weight units.")
 
 
 @register_method(

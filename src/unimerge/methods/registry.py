@@ -119,7 +119,7 @@ class ModelWeight(BaseModel):
     """Per-model parameters of most methods: a weight (negative weights negate a task)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    weight: float = Field(default=1.0, ge=-100.0, le=100.0)
+    weight: float = Field(default=1.0, ge=-100.0, le=100.0, description="This model's weight (negative negates its task).")
 
 
 Kind = Literal["tensor", "model"]
