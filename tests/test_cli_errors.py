@@ -228,28 +228,34 @@ def test_methods_json_contract() -> None:
 
 
 def test_killed_run_leaves_no_output(world) -> None:
-    """SIGKILL in the middle of writing: OUT never appears, inputs are untouched."""
+    """SIGKILL in the middle of writing: OUT never appears, inputs are untouched.
+
+    The child writes one tensor, says so, and then blocks inside the writer until it is killed, so
+    the kill always lands mid-write (no sleeps to line the two processes up).
+    """
+    import select
     import signal
     import subprocess
     import sys
-    import time
 
     cfg, out = _write_cfg(world), world["root"] / "out"
     before = _digest(world["e1"])
     script = (
-        "import time, sys\n"
+        "import threading\n"
         "from unimerge.io import writer\n"
         "real = writer.ShardedWriter.write\n"
-        "def slow(self, name, t):\n"
-        "    real(self, name, t); print('wrote', flush=True); time.sleep(0.5)\n"
-        "writer.ShardedWriter.write = slow\n"
+        "def stuck(self, name, t):\n"
+        "    real(self, name, t); print('wrote', flush=True); threading.Event().wait()\n"
+        "writer.ShardedWriter.write = stuck\n"
         "from unimerge.cli import app\n"
         f"app(['merge', {str(cfg)!r}, {str(out)!r}, '--threads', '1'])\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None and proc.stdout.readline().startswith("wrote")
-        time.sleep(0.2)
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        assert ready, "the child wrote no tensor within 120 s"
+        assert proc.stdout.readline().startswith("wrote")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -266,9 +272,9 @@ def test_python_m_unimerge_runs_the_command_through_main(world) -> None:
 
     cfg, out = _write_cfg(world), world["root"] / "out"
     ok = subprocess.run([sys.executable, "-m", "unimerge", "merge", str(cfg), str(out), "--seed", "0"],
-                        capture_output=True, text=True)
+                        capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("wrote ") and (out / "model.safetensors").is_file()
     bad = subprocess.run([sys.executable, "-m", "unimerge", "merge", str(world["root"] / "missing.yaml"),
-                          str(world["root"] / "out2")], capture_output=True, text=True)
+                          str(world["root"] / "out2")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "missing.yaml" in bad.stderr

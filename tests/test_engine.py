@@ -174,32 +174,42 @@ def test_model_card_names_inputs_and_hashes(models, tmp_path) -> None:
 
 
 def test_jobs_in_flight_stay_within_the_byte_budget(models, tmp_path) -> None:
+    """Jobs overlap (forced: each job holds its slot until the next one starts), yet the bytes in
+    flight never exceed the budget; with every job over budget they run one at a time."""
     import threading
-    import time
 
     from unimerge.execute import _run_pool, job_bytes
 
     jobs = plan_config(_cfg("linear", models, names=("e1", "e2", "e3")), tmp_path / "out").jobs
     budget = 2 * max(map(job_bytes, jobs))  # room for two of the largest jobs, more small ones
     lock, live, peak = threading.Lock(), [0, 0], [0, 0]  # bytes and jobs in flight
+    started = [threading.Event() for _ in jobs]  # started[i]: the (i+1)-th job has started
+    hold, alone = [10.0], []  # how long a job waits for the next to start; the jobs that waited in vain
 
     def fn(job) -> None:
         with lock:
             live[0] += job_bytes(job)
             live[1] += 1
             peak[0], peak[1] = max(peak[0], live[0]), max(peak[1], live[1])
-        time.sleep(0.002)
+            order = sum(e.is_set() for e in started)
+            started[order].set()
+        if order + 1 < len(jobs) and not started[order + 1].wait(timeout=hold[0]):  # until the next starts
+            alone.append(order)
+            hold[0] = min(hold[0], 0.02)  # a pool that does not overlap jobs fails fast
         with lock:
             live[0] -= job_bytes(job)
             live[1] -= 1
 
     done = []
     _run_pool(jobs, fn, threads=4, progress=lambda i, n: done.append(i), budget=budget)
-    assert done[-1] == len(jobs)
-    assert peak[0] <= budget and 1 < peak[1] <= 8
+    assert done[-1] == len(jobs) and all(e.is_set() for e in started)
+    assert alone == [] and peak[0] <= budget and 1 < peak[1] <= 8
     peak[:] = [0, 0]
+    for e in started:
+        e.clear()
+    hold[0] = 0.02  # a correct pool starts no job while one runs: each wait times out (20 ms a job)
     _run_pool(jobs, fn, threads=4, progress=None, budget=1)  # every job over budget: one at a time
-    assert peak[1] == 1
+    assert peak[1] == 1 and len(alone) == len(jobs) - 1
 
 
 def _with_extra(src: Path, dst: Path, extra: dict[str, torch.Tensor]) -> Path:
