@@ -110,3 +110,14 @@ def test_lorahub_rejects_data_methods_and_weight_overrides() -> None:
         LoraHubParams(method="regmean")
     with pytest.raises(ValueError, match="searches"):
         LoraHubParams(method_params={"weight": 1.0})
+
+
+def test_lorahub_params_are_checked_when_read() -> None:
+    """An empty search box, or a bad parameter of the composed method, fails at parse time (not mid-run)."""
+    with pytest.raises(ValueError, match="lower < upper"):
+        LoraHubParams(lower=0.5, upper=0.5, init=0.5)
+    with pytest.raises(ValueError, match="density"):
+        LoraHubParams(method="ties", method_params={"density": 2.0})
+    with pytest.raises(ValueError, match="has no parameter 'densty'"):
+        LoraHubParams(method="ties", method_params={"densty": 0.5})
+    assert LoraHubParams(method="ties", method_params={"density": 0.5}).method_params == {"density": 0.5}

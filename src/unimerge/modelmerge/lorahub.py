@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from unimerge.core import merge_state_dicts
+from unimerge.core import merge_state_dicts, validate_params
 from unimerge.errors import ConfigError
 from unimerge.methods import Batch, MergedModel, MergeProblem, TensorMethod, get_method, register_model_method
 from unimerge.modelmerge.stats import autocast, check_experts, count, draw, finish, load_state, work_module
@@ -53,12 +53,16 @@ class LoraHubParams(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> LoraHubParams:
-        if not self.lower <= self.init <= self.upper:
-            raise ValueError(f"need lower <= init <= upper, got {self.lower}, {self.init}, {self.upper}")
-        if not isinstance(get_method(self.method), TensorMethod):
+        if not self.lower <= self.init <= self.upper or self.lower == self.upper:
+            raise ValueError(
+                f"need lower <= init <= upper with lower < upper, got {self.lower}, {self.init}, {self.upper}"
+            )
+        info = get_method(self.method)
+        if not isinstance(info, TensorMethod):
             raise ValueError(f"lorahub composes data-free methods; {self.method!r} needs data")
         if "weight" in self.method_params:
             raise ValueError("'weight' is what lorahub searches; do not set it in method_params")
+        validate_params(info, self.method_params, [{}])  # per-model names too; checked when the config is read, not at the first merge
         return self
 
 
