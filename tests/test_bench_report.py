@@ -13,8 +13,9 @@ import pytest
 from rich.console import Console
 
 from unimerge.bench.report import render_html, render_markdown, results_table
-from unimerge.bench.runner import grid_points, normalized, scaling_subsets, select_methods, summarize
-from unimerge.bench.tasks import SUITES
+from unimerge.bench.runner import grid_points, scaling_subsets, select_methods
+from unimerge.bench.scores import normalized, summarize
+from unimerge.data import SUITES
 from unimerge.errors import ConfigError
 from unimerge.methods import get_method, list_methods
 
@@ -109,13 +110,22 @@ def test_markdown_table_rows_params_and_data_budget():
     res = _results()
     res["rows"].append(
         summarize("data_method", {"t1": 0.8, "t2": 0.7}, res["individual"])
-        | {"params": {"steps": 3}, "seconds": 12.0, "data_budget": {"examples_per_task": 64, "labeled": False}}
+        | {
+            "params": {"steps": 3},
+            "seconds": 12.0,
+            "data_budget": {"examples_per_task": 64, "labeled": False},
+        }
     )
     lines = render_markdown(res).splitlines()
     assert lines[0] == "| method | t1 | t2 | avg | norm. | chosen params / data | merge s |"
     assert lines[2].startswith("| pretrained (linear probe) | 60.0 | 50.0 | 55.0 |")
-    assert lines[3] == "| `data_method` | 80.0 | 70.0 | 75.0 | 88.2 | defaults; 64 unlabelled examples per task | 12.0 |"
-    assert lines[4].startswith("| `alpha_method` | 70.0 | 60.0 | 65.0 |") and "| lambda=1.0 | 0.1 |" in lines[4]
+    assert (
+        lines[3]
+        == "| `data_method` | 80.0 | 70.0 | 75.0 | 88.2 | defaults; 64 unlabelled examples per task | 12.0 |"
+    )
+    assert (
+        lines[4].startswith("| `alpha_method` | 70.0 | 60.0 | 65.0 |") and "| lambda=1.0 | 0.1 |" in lines[4]
+    )
     assert lines[-1] == "Skipped: `two_only` (needs exactly 2 models)."
 
 

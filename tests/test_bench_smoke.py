@@ -7,17 +7,18 @@ cache (downloaded once); experts are trained afresh in a temporary cache every t
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
-from unimerge.bench.cache import cache_root, fetch_archive
-from unimerge.bench.datasets import DATASETS
 from unimerge.bench.model import MINILM
-from unimerge.bench.tasks import SUITES
 from unimerge.cli.bench import bench
+from unimerge.data import DATASETS, SUITES, fetch_archive
+from unimerge.io import cache_root
 from unimerge.methods import list_methods
 
 ROW_KEYS = {"method", "params", "per_task", "avg", "normalized_avg", "seconds"}
@@ -42,7 +43,14 @@ def fresh_cache(tmp_path, monkeypatch):
     return root
 
 
-def test_smoke_suite_end_to_end(fresh_cache, tmp_path):
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_smoke_suite_end_to_end(fresh_cache, tmp_path, umask_022):
     out = tmp_path / "out"
     result = CliRunner().invoke(_app(), ["bench", "--suite", "smoke", "--out", str(out), "--scaling"])
     assert result.exit_code == 0, result.output
@@ -69,6 +77,13 @@ def test_smoke_suite_end_to_end(fresh_cache, tmp_path):
         assert (folder / "encoder" / "config.json").exists() and (folder / "head.safetensors").exists()
         assert (folder / "encoder" / "model.safetensors").exists()
         assert (folder / "encoder" / "tokenizer.json").exists()
+    # what the benchmark writes is readable by a teammate, like any file the user makes (umask 022)
+    written = [out / n for n in ("results.json", "results.md", "report.html")]
+    for kind in ("data", "models", "experts", "multitask", "probes"):  # every cache entry, every file in it
+        written += list((fresh_cache / kind).rglob("*"))
+    assert {"model.safetensors", "head.safetensors", "meta.json"} <= {p.name for p in written}
+    unreadable = [p for p in written if stat.S_IMODE(p.stat().st_mode) & 0o044 != 0o044]
+    assert not unreadable
     html = (out / "report.html").read_text()
     assert '<table id="results">' in html and html.count("data:image/png;base64,") >= 2
     assert "individual experts" in result.output  # the rich table was printed
@@ -86,7 +101,18 @@ def _check_reuse(out: Path, again: Path, res: dict) -> None:
     original, bench_main.tune_method = bench_main.tune_method, fail
     try:
         result = CliRunner().invoke(
-            _app(), ["bench", "--suite", "smoke", "--out", str(again), "--reuse", str(out), "--methods", ",".join(names)]
+            _app(),
+            [
+                "bench",
+                "--suite",
+                "smoke",
+                "--out",
+                str(again),
+                "--reuse",
+                str(out),
+                "--methods",
+                ",".join(names),
+            ],
         )
     finally:
         bench_main.tune_method = original
@@ -95,7 +121,9 @@ def _check_reuse(out: Path, again: Path, res: dict) -> None:
     assert rows == [r for r in res["rows"] if r["method"] in names]
     other = again.parent / "other.json"
     other.write_text(json.dumps({**res, "seed": 1}))
-    result = CliRunner().invoke(_app(), ["bench", "--suite", "smoke", "--out", str(again), "--reuse", str(other)])
+    result = CliRunner().invoke(
+        _app(), ["bench", "--suite", "smoke", "--out", str(again), "--reuse", str(other)]
+    )
     assert result.exit_code == 2 and "seed" in result.output
 
 
@@ -108,10 +136,12 @@ def test_unknown_suite_is_a_clear_error(tmp_path):
 def test_data_aware_methods_get_rows_through_merge_problem(fresh_cache, tmp_path):
     """Named data-aware methods run once at their defaults on the suite's train data, with budget."""
     out = tmp_path / "out"
-    result = CliRunner().invoke(_app(), ["bench", "--suite", "smoke", "--out", str(out),
-                                         "--methods", "regmean,smile"])
+    result = CliRunner().invoke(
+        _app(), ["bench", "--suite", "smoke", "--out", str(out), "--methods", "regmean,smile", "--scaling"]
+    )
     assert result.exit_code == 0, result.output
     res = json.loads((out / "results.json").read_text())
+    assert res["scaling"] == {}  # data-aware methods are not merged again per task subset
     rows = {r["method"]: r for r in res["rows"]}
     assert set(rows) == {"regmean", "smile"}, res["skipped"]
     assert rows["regmean"]["data_budget"] == {"examples_per_task": 64, "labeled": False}

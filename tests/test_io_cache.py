@@ -1,4 +1,5 @@
-"""Cached file hashes: right digest, reused while the file is unchanged, recomputed when it changes."""
+"""The user cache: where it is, and cached file hashes (right digest, reused while the file is
+unchanged, recomputed when it changes)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,11 @@ def test_hash_is_cached_by_file_identity(tmp_path, monkeypatch) -> None:
     f.write_bytes(b"abcd" * 1000)  # new size and mtime: a new key
     os.utime(f, ns=(1, 1))
     assert sha256_file(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+def test_cache_root_precedence(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("UNIMERGE_CACHE", str(tmp_path / "a"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert cache_root() == tmp_path / "a"
+    monkeypatch.delenv("UNIMERGE_CACHE")
+    assert cache_root() == tmp_path / "x" / "unimerge"

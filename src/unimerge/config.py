@@ -48,6 +48,7 @@ from pydantic import (
 )
 
 from unimerge.core import validate_params
+from unimerge.data import SUITES
 from unimerge.errors import ConfigError
 from unimerge.methods import Method, MethodInfo, ModelMethod, get_method
 
@@ -129,8 +130,6 @@ class DataSpec(_Strict):
     def _known_suite(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        from unimerge.bench.tasks import SUITES
-
         if v not in SUITES:
             raise ValueError(f"unknown suite {v!r}; use one of {sorted(SUITES)} or give `files:`")
         return v
@@ -156,8 +155,6 @@ class DataSpec(_Strict):
         """The suite's task names, in order (``[]`` for ``files``)."""
         if self.suite is None:
             return []
-        from unimerge.bench.tasks import SUITES
-
         return [t.dataset for t in SUITES[self.suite].tasks]
 
 
@@ -271,7 +268,7 @@ def _check_data(cfg: MergeConfig) -> None:
         raise ValueError(
             f"method {info.name!r} needs {info.data} examples: add a `data:` section with `suite: NAME` "
             "(a benchmark suite's train splits) or `files: [one JSONL file per model]`, e.g. "
-            "`data: {suite: quick, budget: 64}` (see the README, 'Data-aware merges from a config')"
+            "`data: {suite: quick, budget: 64}` (see docs/data-aware.md)"
         )
     if cfg.models is None:
         raise ValueError(f"method {info.name!r} merges whole models: use `models:`, not `slices:`")
@@ -373,7 +370,7 @@ def _locate(err: ValidationError, path: Path | None) -> str:
         loc = ".".join(str(p) for p in e["loc"])
         msg = str(e.get("ctx", {}).get("error", e["msg"])) if e["type"] == "value_error" else e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling; see the README for the config format)"
+            msg = "unknown key (check its spelling; see docs/config-reference.md for every key)"
         msgs.append(f"{loc}: {msg}" if loc else msg)
     return f"{where}invalid merge config: " + "; ".join(msgs)
 

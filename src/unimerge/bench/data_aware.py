@@ -1,7 +1,7 @@
 """Benchmark rows for data-aware methods (:class:`~unimerge.methods.ModelMethod`): the one interface is MergeProblem.
 
-A suite hands a data-aware method a :class:`~unimerge.modelmerge.MergeProblem` built from its cached
-pieces: the pretrained encoder, the experts' encoder tensors, each task's :class:`TaskData` (the
+A suite hands a data-aware method a :class:`~unimerge.methods.MergeProblem` built from its cached
+pieces: the pretrained encoder, the experts' encoder tensors, each task's :class:`~unimerge.data.TaskData` (the
 method draws ``unlabeled``/``labeled`` batches from the *train* split only), each task's head and the
 benchmark's pooling as ``features``. The method runs at its registered defaults (its grid is not
 searched: a data-aware merge costs minutes, not seconds) with a budget of
@@ -20,11 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from unimerge.bench.model import EVAL_BATCH, pool
-from unimerge.bench.tasks import Batch, Split, TaskData, batches
+from unimerge.bench.scores import summarize
 from unimerge.core import validate_params
+from unimerge.data import Batch, Split, TaskData, batches
+from unimerge.errors import UnimergeError
 from unimerge.methods import MergedModel, MergeProblem, ModelMethod
 
-__all__ = ["BUDGET", "make_problem", "run_data_method"]
+__all__ = ["BUDGET", "data_row", "evaluate_merged", "make_problem", "run_data_method"]
 
 BUDGET = 64  # examples per task a data-aware method may draw (the papers use tens to hundreds)
 
@@ -41,8 +43,15 @@ def _features(module: nn.Module, batch: Batch) -> Tensor:
         return pool(module, batch).float()
 
 
-def make_problem(base: nn.Module, states: Sequence[Mapping[str, Tensor]], tasks: Sequence[TaskData],
-                 heads: Mapping[str, Mapping[str, Tensor]], *, budget: int = BUDGET, seed: int = 0) -> MergeProblem:
+def make_problem(
+    base: nn.Module,
+    states: Sequence[Mapping[str, Tensor]],
+    tasks: Sequence[TaskData],
+    heads: Mapping[str, Mapping[str, Tensor]],
+    *,
+    budget: int = BUDGET,
+    seed: int = 0,
+) -> MergeProblem:
     """A MergeProblem over the benchmark's pieces (``base`` is copied, never modified)."""
     return MergeProblem(
         base=copy.deepcopy(base).eval(),
@@ -92,29 +101,29 @@ def run_data_method(info: ModelMethod, problem: MergeProblem) -> dict[str, Any]:
     }
 
 
-def data_row(prep: Any, info: ModelMethod) -> dict[str, Any]:
-    """A benchmark row (or ``{"method", "reason"}``) for data-aware ``info`` on a prepared suite.
+def data_row(info: ModelMethod, problem: MergeProblem, individual: Mapping[str, float]) -> dict[str, Any]:
+    """A benchmark row (or ``{"method", "reason"}``) for data-aware ``info`` on ``problem``.
 
     Args:
-        prep: the runner's ``Prepared`` (pretrained encoder, expert tensors, tasks, heads).
         info: a data-aware method.
+        problem: the suite's pieces (:func:`make_problem`).
+        individual: task name -> the task's own expert's test accuracy (for ``normalized_avg``).
     """
-    from unimerge.bench.model import load_encoder
-    from unimerge.bench.runner import summarize
-    from unimerge.errors import UnimergeError
-
-    problem = make_problem(load_encoder(prep.pretrained), prep.states, prep.tasks, prep.heads, seed=prep.seed)
     try:
         out = run_data_method(info, problem)
     except UnimergeError as err:
         return {"method": info.name, "reason": str(err)}
-    row = summarize(info.name, out["test"], prep.individual)
-    return row | {
-        "params": out["params"],
-        "seconds": out["seconds"],
-        "val_avg": sum(out["val"].values()) / len(out["val"]),
-        "family": info.family,
-        "data_budget": out["data_budget"],
-        "params_total": out["params_total"],
-        "params_dense": out["params_dense"],
-    } | ({"details": out["details"]} if out["details"] else {})
+    row = summarize(info.name, out["test"], individual)
+    return (
+        row
+        | {
+            "params": out["params"],
+            "seconds": out["seconds"],
+            "val_avg": sum(out["val"].values()) / len(out["val"]),
+            "family": info.family,
+            "data_budget": out["data_budget"],
+            "params_total": out["params_total"],
+            "params_dense": out["params_dense"],
+        }
+        | ({"details": out["details"]} if out["details"] else {})
+    )

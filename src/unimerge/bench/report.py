@@ -12,9 +12,12 @@ import base64
 import html
 import io
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["render_html", "render_markdown", "results_table"]
 
@@ -53,8 +56,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         name = row["method"] if i < n_base else f"`{row['method']}`"
         cells = [f"{100 * row['per_task'][t]:.1f}" for t in tasks]
         seconds = f"{row['seconds']:.1f}" if i >= n_base and "seconds" in row else ""
-        lines.append("| " + " | ".join([name, *cells, f"{100 * row['avg']:.1f}",
-                                        f"{100 * row['normalized_avg']:.1f}", _shown_params(row), seconds]) + " |")
+        means = [f"{100 * row['avg']:.1f}", f"{100 * row['normalized_avg']:.1f}"]
+        lines.append("| " + " | ".join([name, *cells, *means, _shown_params(row), seconds]) + " |")
     skipped = [f"`{s['method']}` ({s['reason'].split('.')[0]})" for s in results.get("skipped", [])]
     if skipped:
         lines += ["", "Skipped: " + "; ".join(skipped) + "."]
@@ -92,7 +95,7 @@ def results_table(results: Mapping[str, Any]) -> Table:
     return table
 
 
-def _png(fig) -> str:
+def _png(fig: Figure) -> str:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -139,8 +142,7 @@ def _sweep_axis(row: Mapping[str, Any]) -> str | None:
 def _sweeps(results: Mapping[str, Any]) -> str | None:
     import matplotlib.pyplot as plt
 
-    drawn = [(r, _sweep_axis(r)) for r in results["rows"]]
-    drawn = [(r, k) for r, k in drawn if k]
+    drawn = [(r, k) for r in results["rows"] if (k := _sweep_axis(r))]
     if not drawn:
         return None
     keys = sorted({k for _, k in drawn})

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -27,20 +26,35 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch import Tensor, nn
 
-from unimerge.bench.cache import cache_root
-from unimerge.bench.datasets import DATASETS, load_dataset
+from unimerge.bench.data_aware import data_row, make_problem
 from unimerge.bench.model import MINILM, encoder_state, evaluate, load_encoder, load_tokenizer, pretrained_dir
-from unimerge.bench.tasks import SUITES, Suite, TaskData, make_task
-from unimerge.bench.train import Expert, build_expert, build_multitask, build_probe
+from unimerge.bench.scores import summarize
+from unimerge.bench.train import Expert, Tick, build_expert, build_multitask, build_probe
 from unimerge.core import merge_state_dicts
+from unimerge.data import DATASETS, SUITES, Suite, TaskData, load_dataset, make_task
 from unimerge.errors import ConfigError, MergeError, UnimergeError
+from unimerge.io.cache import cache_root
 from unimerge.methods import Method, MethodInfo, ModelMethod, TensorMethod, get_method, list_methods
 
-__all__ = ["Prepared", "grid_points", "normalized", "prepare", "select_methods", "summarize", "tune_method"]
+__all__ = [
+    "MODEL_NAME",
+    "Prepared",
+    "baselines",
+    "dataset_info",
+    "get_suite",
+    "grid_points",
+    "prepare",
+    "rich_progress",
+    "run_scaling",
+    "scaling_subsets",
+    "select_methods",
+    "tune_method",
+    "unchanged_tensors",
+]
 
 MODEL_NAME = f"all-MiniLM-L6-v2 ({MINILM.package}=={MINILM.version})"
 
@@ -70,22 +84,8 @@ class Prepared:
         return {t.name: e.test[t.name] for t, e in zip(self.tasks, self.experts, strict=True)}
 
 
-def normalized(per_task: Mapping[str, float], individual: Mapping[str, float]) -> float:
-    """Mean over tasks of accuracy / the task's individual expert accuracy."""
-    return sum(acc / individual[t] for t, acc in per_task.items()) / len(per_task)
-
-
-def summarize(method: str, per_task: Mapping[str, float], individual: Mapping[str, float]) -> dict[str, Any]:
-    """A table row: per-task accuracies, their mean and the normalized mean."""
-    return {
-        "method": method,
-        "per_task": dict(per_task),
-        "avg": sum(per_task.values()) / len(per_task),
-        "normalized_avg": normalized(per_task, individual),
-    }
-
-
-def _progress(console: Console) -> Progress:
+def rich_progress(console: Console) -> Progress:
+    """Progress bars that stay on ``console`` when done (one line per phase)."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -94,6 +94,11 @@ def _progress(console: Console) -> Progress:
         console=console,
         transient=False,
     )
+
+
+def _advance(progress: Progress, bar: TaskID) -> Tick:
+    """A training callback that advances ``bar`` by its argument."""
+    return lambda n: progress.advance(bar, n)
 
 
 def _data_table(tasks: Sequence[TaskData]) -> Table:
@@ -124,20 +129,14 @@ def prepare(suite: Suite, seed: int, root: Path | None = None, console: Console 
     tasks = [make_task(load_dataset(s.dataset, root), s, suite, tokenizer, seed) for s in suite.tasks]
     console.print(_data_table(tasks))
     pretrained = load_encoder(pdir)
-    with _progress(console) as progress:
+    with rich_progress(console) as progress:
         experts = []
         for t in tasks:
             bar = progress.add_task(f"expert {t.name}", total=suite.steps)
-            experts.append(
-                build_expert(
-                    root, pdir, t, suite, seed, MINILM.sha256, lambda n, b=bar: progress.advance(b, n)
-                )
-            )
+            experts.append(build_expert(root, pdir, t, suite, seed, MINILM.sha256, _advance(progress, bar)))
             progress.update(bar, completed=suite.steps)
         bar = progress.add_task("multi-task model", total=suite.mtl_steps)
-        mtl = build_multitask(
-            root, pdir, tasks, suite, seed, MINILM.sha256, lambda n: progress.advance(bar, n)
-        )
+        mtl = build_multitask(root, pdir, tasks, suite, seed, MINILM.sha256, _advance(progress, bar))
         progress.update(bar, completed=suite.mtl_steps)
         bar = progress.add_task("linear probes", total=len(tasks))
         probes = []
@@ -168,12 +167,10 @@ def _select(state: dict[str, Tensor], keys: Sequence[str]) -> dict[str, Tensor]:
 
 
 def _with_head(task: TaskData, expert: Expert) -> TaskData:
-    from dataclasses import replace
-
-    return replace(task, head=expert.heads[task.name])
+    return dataclasses.replace(task, head=expert.heads[task.name])
 
 
-def select_methods(suite: Suite, names: Sequence[str] | None) -> list[MethodInfo]:
+def select_methods(suite: Suite, names: Sequence[str] | None) -> list[Method]:
     """The methods to run: ``names`` if given, else the suite's default, else all data-free ones.
 
     Besides method names, ``names`` may hold the groups ``free`` (every data-free method), ``data``
@@ -184,7 +181,7 @@ def select_methods(suite: Suite, names: Sequence[str] | None) -> list[MethodInfo
         ConfigError: an unknown name.
     """
     if names:  # data-aware methods run only when named (each costs minutes; see bench/data_aware.py)
-        groups = {
+        groups: dict[str, Sequence[Method]] = {
             "all": list_methods(),
             "free": list_methods(kind=TensorMethod),
             "data": list_methods(kind=ModelMethod),
@@ -199,7 +196,7 @@ def select_methods(suite: Suite, names: Sequence[str] | None) -> list[MethodInfo
     return available
 
 
-def _suite_grid(suite: Suite, info: MethodInfo) -> MethodInfo:
+def _suite_grid(suite: Suite, info: Method) -> Method:
     grid = suite.grid_for(info.name)
     return info if grid is None else dataclasses.replace(info, grid=grid)
 
@@ -217,7 +214,7 @@ def unchanged_tensors(base: Mapping[str, Tensor], states: Sequence[Mapping[str, 
     return {k for k, v in base.items() if all(torch.equal(s[k], v) for s in states)}
 
 
-def _merge(prep: Prepared, info: MethodInfo, point: Mapping[str, Any], idx: Sequence[int]) -> float:
+def _merge(prep: Prepared, info: TensorMethod, point: Mapping[str, Any], idx: Sequence[int]) -> float:
     """Merge the experts ``idx`` into ``prep.model``; returns the merge's wall time in seconds.
 
     For per-tensor methods, tensors no expert changed are left at the base without calling the
@@ -243,21 +240,23 @@ def _restore(prep: Prepared) -> None:
     prep.model.load_state_dict(prep.base, strict=True)
 
 
-def tune_method(prep: Prepared, info: MethodInfo, tick=None) -> dict[str, Any]:
+def tune_method(prep: Prepared, info: Method, tick: Tick | None = None) -> dict[str, Any]:
     """Search ``info``'s grid on validation, report the best point on test (see the module docstring).
 
     Returns a row (``method``, ``params``, ``per_task``, ``avg``, ``normalized_avg``, ``seconds``,
     ``val_avg``, ``family``, ``grid``), or ``{"method", "reason"}`` when the method cannot run here.
     """
     if isinstance(info, ModelMethod):  # data-aware: one run at the defaults through MergeProblem
-        from unimerge.bench.data_aware import data_row
-
-        row = data_row(prep, info)
+        problem = make_problem(
+            load_encoder(prep.pretrained), prep.states, prep.tasks, prep.heads, seed=prep.seed
+        )
+        row = data_row(info, problem, prep.individual)
         if tick:
             tick(len(grid_points(info)))
         return row
     everyone = list(range(len(prep.tasks)))
-    sweep, reasons = [], []
+    sweep: list[dict[str, Any]] = []
+    reasons: list[str] = []
     for point in grid_points(info):
         try:
             seconds = _merge(prep, info, point, everyone)
@@ -305,12 +304,22 @@ def scaling_subsets(n_tasks: int, per_size: int, seed: int) -> list[tuple[int, .
     return out
 
 
-def run_scaling(prep: Prepared, rows: Sequence[Mapping[str, Any]], tick=None) -> dict[str, list[dict]]:
-    """Method -> one record per task subset: ``k``, ``tasks``, ``avg``, ``normalized_avg`` (test)."""
+def run_scaling(
+    prep: Prepared, rows: Sequence[Mapping[str, Any]], tick: Tick | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Method -> one record per task subset: ``k``, ``tasks``, ``avg``, ``normalized_avg`` (test).
+
+    Data-aware methods are left out (each of their merges costs minutes); ``tick`` still counts
+    their subsets, so a progress bar sized for every row completes.
+    """
     subsets = scaling_subsets(len(prep.tasks), prep.suite.scaling_subsets, prep.seed)
-    out: dict[str, list[dict]] = {}
+    out: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         info = get_method(row["method"])
+        if isinstance(info, ModelMethod):
+            if tick:
+                tick(len(subsets))
+            continue
         records = []
         for idx in subsets:
             tasks = [prep.tasks[i] for i in idx]
@@ -367,17 +376,3 @@ def dataset_info(prep: Prepared) -> dict[str, dict[str, Any]]:
         }
         for t in prep.tasks
     }
-
-
-def round_floats(obj: Any, digits: int = 4) -> Any:
-    """``obj`` with every float rounded to ``digits`` decimals (for a readable results.json); floats
-    under ``10**-digits`` keep ``digits`` significant digits instead (a learning rate of 1e-5 stays)."""
-    if isinstance(obj, float):
-        if math.isnan(obj) or math.isinf(obj):
-            return obj
-        return float(f"{obj:.{digits}g}") if 0 < abs(obj) < 10**-digits else round(obj, digits)
-    if isinstance(obj, dict):
-        return {k: round_floats(v, digits) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [round_floats(v, digits) for v in obj]
-    return obj

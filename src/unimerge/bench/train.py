@@ -20,6 +20,7 @@ hundred steps that difference grows into different experts (and different merge 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,16 +32,28 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from unimerge.bench.cache import atomic_dir, atomic_write_text, recipe_hash
-from unimerge.bench.datasets import DATASETS
-from unimerge.bench.model import _head_accuracy, accuracy, features, load_encoder, make_head, pool
-from unimerge.bench.tasks import Batch, Suite, TaskData
+from unimerge.bench.model import accuracy, features, head_accuracy, hidden_size, load_encoder, make_head, pool
+from unimerge.data import DATASETS, Batch, Suite, TaskData
+from unimerge.io.atomic import atomic_dir, atomic_file, atomic_write_text
 
-__all__ = ["PROBE_L2", "Expert", "build_expert", "build_multitask", "build_probe", "load_heads"]
+__all__ = [
+    "PROBE_L2",
+    "TRAIN_THREADS",
+    "Expert",
+    "Tick",
+    "build_expert",
+    "build_multitask",
+    "build_probe",
+    "load_heads",
+    "recipe",
+    "recipe_hash",
+    "torch_threads",
+]
 
 HEAD_LR_MULT = 20.0
 PROBE_L2 = (1e-4, 1e-3, 1e-2)
 RECIPE_VERSION = 1
+FROZEN = "embeddings.word_embeddings"  # the module whose weight experts do not train
 TRAIN_THREADS = 1  # the thread count every cached expert and multi-task model is trained on
 Tick = Callable[[int], None]  # progress callback: advance by n steps
 
@@ -60,8 +73,16 @@ class Expert:
         return self.path / "encoder"
 
 
-def recipe(kind: str, suite: Suite, tasks: Sequence[TaskData], seed: int, model_sha: str, steps: int) -> dict:
-    """Everything that determines a trained model (its cache key is a hash of this)."""
+def recipe_hash(rec: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-serialisable recipe (key order does not matter)."""
+    blob = json.dumps(rec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def recipe(
+    kind: str, suite: Suite, tasks: Sequence[TaskData], seed: int, model_sha: str, steps: int
+) -> dict[str, Any]:
+    """Everything that determines a trained model (its cache key is :func:`recipe_hash` of this)."""
     return {
         "kind": kind,
         "version": RECIPE_VERSION,
@@ -75,7 +96,7 @@ def recipe(kind: str, suite: Suite, tasks: Sequence[TaskData], seed: int, model_
         "lr": suite.lr,
         "batch_size": suite.batch_size,
         "model_sha": model_sha,
-        "frozen": "embeddings.word_embeddings",
+        "frozen": FROZEN,
         "data": [f"{DATASETS[t.name].archive.sha256[:12]}-v{DATASETS[t.name].version}" for t in tasks],
     }
 
@@ -115,7 +136,7 @@ def _fit(
 ) -> float:
     """Train ``encoder`` + ``heads`` for ``steps`` steps cycling over ``tasks`` on ``TRAIN_THREADS``
     torch threads; returns the last loss."""
-    encoder.embeddings.word_embeddings.weight.requires_grad_(False)
+    encoder.get_parameter(f"{FROZEN}.weight").requires_grad_(False)
     enc_params = [p for p in encoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
         [
@@ -153,7 +174,7 @@ def _head_state(head: nn.Linear) -> dict[str, Tensor]:
 
 def _train_and_save(
     final: Path,
-    rec: dict,
+    rec: dict[str, Any],
     pretrained: Path,
     tasks: Sequence[TaskData],
     steps: int,
@@ -164,17 +185,18 @@ def _train_and_save(
     from transformers import AutoTokenizer
 
     encoder = load_encoder(pretrained)
-    hidden = encoder.config.hidden_size
-    heads = nn.ModuleDict({t.name: make_head(hidden, t.num_classes, seed + i) for i, t in enumerate(tasks)})
+    hidden = hidden_size(encoder)
+    linear = {t.name: make_head(hidden, t.num_classes, seed + i) for i, t in enumerate(tasks)}
+    heads = nn.ModuleDict(linear)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         loss = _fit(encoder, heads, tasks, steps, suite, seed, tick)
     seconds = time.perf_counter() - start
-    states = {t.name: _head_state(heads[t.name]) for t in tasks}
+    states = {t.name: _head_state(linear[t.name]) for t in tasks}
     val = {t.name: accuracy(encoder, t.val, states[t.name]) for t in tasks}
     test = {t.name: accuracy(encoder, t.test, states[t.name]) for t in tasks}
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, exists="keep") as tmp:
         encoder.save_pretrained(tmp / "encoder", safe_serialization=True)
         AutoTokenizer.from_pretrained(pretrained).save_pretrained(tmp / "encoder")
         (tmp / "heads").mkdir()
@@ -221,7 +243,8 @@ def build_expert(
         _train_and_save(final, rec, pretrained, [task], suite.steps, suite, seed, tick)
     head_file = final / "head.safetensors"
     if not head_file.exists():
-        save_file(load_file(final / "heads" / f"{task.name}.safetensors"), str(head_file))
+        with atomic_file(head_file) as tmp:
+            save_file(load_file(final / "heads" / f"{task.name}.safetensors"), str(tmp))
     return _load(final)
 
 
@@ -269,14 +292,14 @@ def build_probe(
         mu, sd = feats["train"].mean(0), feats["train"].std(0).clamp_min(1e-6)
         z = {s: (f - mu) / sd for s, f in feats.items()}
         fits = {l2: _fit_probe(z["train"], task.train.labels, task.num_classes, l2) for l2 in PROBE_L2}
-        scores = {l2: _head_accuracy(z["val"], task.val.labels, h) for l2, h in fits.items()}
+        scores = {l2: head_accuracy(z["val"], task.val.labels, h) for l2, h in fits.items()}
         best = max(PROBE_L2, key=lambda l2: (scores[l2], -PROBE_L2.index(l2)))
         # Fold the standardisation into the head so it applies to raw pooled features.
         w = fits[best]["weight"] / sd
         head = {"weight": w.contiguous(), "bias": fits[best]["bias"] - w @ mu}
-        val = {task.name: _head_accuracy(feats["val"], task.val.labels, head)}
-        test = {task.name: _head_accuracy(feats["test"], task.test.labels, head)}
-        with atomic_dir(final) as tmp:
+        val = {task.name: head_accuracy(feats["val"], task.val.labels, head)}
+        test = {task.name: head_accuracy(feats["test"], task.test.labels, head)}
+        with atomic_dir(final, exists="keep") as tmp:
             (tmp / "heads").mkdir()
             save_file(head, str(tmp / "heads" / f"{task.name}.safetensors"))
             meta = {"recipe": rec, "val": val, "test": test, "l2": best, "val_by_l2": scores}

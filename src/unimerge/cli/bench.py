@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from unimerge.errors import UnimergeError
+from unimerge.cli.common import guard
 
 __all__ = ["bench"]
 
@@ -53,16 +53,9 @@ def bench(
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     names = [m for item in methods or [] for m in item.split(",") if m.strip()]
-    try:
-        run_bench(
-            suite,
-            out,
-            names or None,
-            scaling=scaling,
-            seed=seed,
-            reuse=reuse or (),
-            console=Console(width=None if sys.stdout.isatty() else 200),
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    guard(
+        lambda: run_bench(
+            suite, out, names or None, scaling=scaling, seed=seed, reuse=reuse or (), console=console
         )
-    except UnimergeError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    )

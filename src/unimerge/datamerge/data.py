@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from unimerge.config import DataSpec, check_data_path
+from unimerge.data import SUITES, load_dataset, split_indices
 from unimerge.errors import ConfigError
 from unimerge.io.cache import sha256_file
 
@@ -229,9 +230,6 @@ def suite_task(name: str, suite_name: str, seed: int) -> tuple[tuple[Text, ...],
 
     The split is the one ``unimerge bench --suite SUITE --seed SEED`` trains its experts on.
     """
-    from unimerge.bench.datasets import load_dataset
-    from unimerge.bench.tasks import SUITES, split_indices
-
     suite = SUITES[suite_name]
     spec = next(t for t in suite.tasks if t.dataset == name)
     raw = load_dataset(spec.dataset)

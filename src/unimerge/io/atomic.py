@@ -3,9 +3,11 @@
 Every output (a merged model folder, a mask file, a statistics sidecar, a cached dataset or expert,
 a benchmark report) is written under a temporary name beside its final place and renamed into place
 only when complete, so an interrupted or failed run never leaves a half-written file behind.
-Temporary names start with a dot and are created with the user's normal permissions (the umask
-applies, as for any file the user creates; ``tempfile.mkdtemp`` would give 0700), so the result
-can be shared like any other file.
+Temporary names start with a dot. What is renamed into place has the user's normal permissions
+(``0o666``/``0o777`` minus the umask, as for any file the user creates): folders are created that
+way (``tempfile.mkdtemp`` would give 0700), and files written by libraries that create them 0600
+(safetensors' ``save_file``, also inside ``save_pretrained``) are given the normal mode before the
+rename, so the result can be shared like any other file.
 
 - :func:`atomic_dir`: a folder, with a policy for an existing one (``error``, ``replace``, ``keep``).
 - :func:`atomic_file` / :func:`atomic_write_text`: one file.
@@ -32,11 +34,32 @@ __all__ = [
     "atomic_write_text",
     "exists_error",
     "fsync_path",
+    "share",
     "swap_into_place",
     "temp_dir_beside",
 ]
 
 ExistsPolicy = Literal["error", "replace", "keep"]
+
+
+def _umask() -> int:
+    """The process umask (Linux reports it in /proc; elsewhere it is read by setting and restoring it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share(path: Path) -> None:
+    """Give the file ``path``, or every file under the folder ``path``, a new file's normal mode."""
+    mode = 0o666 & ~_umask()
+    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]:
+        f.chmod(mode)
 
 
 def _temp_name(final: Path, tag: str) -> Path:
@@ -110,6 +133,7 @@ def atomic_dir(final: Path, *, exists: ExistsPolicy = "error") -> Iterator[Path]
                 raise exists_error(final)
             shutil.rmtree(tmp, ignore_errors=True)
             return
+        share(tmp)
         swap_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -124,6 +148,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     tmp = _temp_name(path, "tmp")
     try:
         yield tmp
+        share(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

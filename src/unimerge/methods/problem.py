@@ -29,7 +29,8 @@ class TaskSource(Protocol):
     ``unimerge.data.TaskData`` satisfies this protocol.
     """
 
-    name: str
+    @property
+    def name(self) -> str: ...  # read-only: a frozen dataclass's field satisfies it
 
     def unlabeled(self, n: int, batch_size: int = 32, seed: int = 0) -> Iterator[Batch]: ...
 

