@@ -73,7 +73,11 @@ def main() -> None:
         out = args.work / f"task_{i}"
         _cli("task", str(experts), str(base), str(out), "--task", str(i), "--force")
         head = prep.heads[task.name]
-        cells = [prep.individual[task.name], accuracy(merged, task.test, head), accuracy(load_encoder(out), task.test, head)]
+        cells = [
+            prep.individual[task.name],
+            accuracy(merged, task.test, head),
+            accuracy(load_encoder(out), task.test, head),
+        ]
         print(f"| {task.name} | " + " | ".join(f"{100 * c:.1f}" for c in cells) + " |", flush=True)
 
 

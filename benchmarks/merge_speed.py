@@ -264,7 +264,9 @@ class Bench:
         return statistics.median(r.wall_s for r in um), statistics.median(r.wall_s for r in mk)
 
 
-def run_method(bench: Bench, method: str, repeats: int, largest: int, startup: tuple[float, float] | None) -> Row:
+def run_method(
+    bench: Bench, method: str, repeats: int, largest: int, startup: tuple[float, float] | None
+) -> Row:
     """``repeats`` x (floor over the same inputs, then the method); medians of times and ratios."""
     n = n_inputs(method)
     floors, merges = [], []
@@ -288,7 +290,9 @@ def run_method(bench: Bench, method: str, repeats: int, largest: int, startup: t
         row.mergekit_s = statistics.median(r.wall_s for r in mk)
         row.mergekit_rss_mb = max(r.peak_rss_mb for r in mk)
         row.speedup = row.mergekit_s / row.process_s
-        mk_rest, um_rest = (row.mergekit_s - startup[1], row.process_s - startup[0]) if startup else (0.0, 0.0)
+        mk_rest, um_rest = (
+            (row.mergekit_s - startup[1], row.process_s - startup[0]) if startup else (0.0, 0.0)
+        )
         if mk_rest > 0 and um_rest > 0:  # else start-up noise exceeds the merge: no meaningful quotient
             row.speedup_after_startup = mk_rest / um_rest
     return row
@@ -385,8 +389,10 @@ def main(argv: list[str]) -> None:
         f"threads={args.threads}, repeats={args.repeats}, {time.strftime('%Y-%m-%d %H:%M')}\n"
     )
     if startup:
-        print(f"start-up (median process, a command that only starts): `unimerge methods --json` {startup[0]:.2f} s, "
-              f"`mergekit-yaml --help` {startup[1]:.2f} s\n")
+        print(
+            f"start-up (median process, a command that only starts): `unimerge methods --json` {startup[0]:.2f} s, "
+            f"`mergekit-yaml --help` {startup[1]:.2f} s\n"
+        )
     print(table(rows, mergekit is not None))
     if args.out_json:
         blob = {"params": shape.params, "shape": asdict(shape), "threads": args.threads, "repeats": args.repeats,

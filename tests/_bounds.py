@@ -54,7 +54,9 @@ def field_problems(model: type[BaseModel], method: str) -> list[str]:
         if "sized" in kinds and not _has(f.metadata, "max_length"):
             out.append(f"{method}.{name}: a string or sequence needs a max_length")
         if "other" in kinds:
-            out.append(f"{method}.{name}: type {f.annotation} cannot be bounded; list it in CHECKED_ELSEWHERE")
+            out.append(
+                f"{method}.{name}: type {f.annotation} cannot be bounded; list it in CHECKED_ELSEWHERE"
+            )
     return out
 
 

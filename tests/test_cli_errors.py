@@ -23,21 +23,33 @@ runner = CliRunner()
 @pytest.fixture()
 def world(tmp_path: Path) -> dict[str, Path]:
     base = make_tiny_llama(tmp_path / "base")
-    return {"root": tmp_path, "base": base, "e1": make_tiny_llama(tmp_path / "e1", perturb_from=base, seed=1),
-            "e2": make_tiny_llama(tmp_path / "e2", perturb_from=base, seed=2)}
+    return {
+        "root": tmp_path,
+        "base": base,
+        "e1": make_tiny_llama(tmp_path / "e1", perturb_from=base, seed=1),
+        "e2": make_tiny_llama(tmp_path / "e2", perturb_from=base, seed=2),
+    }
 
 
-def _write_cfg(world: dict[str, Path], method: str = "ties", params=None, models=("e1", "e2"), **extra) -> Path:
-    cfg = {"merge_method": method, "base_model": str(world["base"]),
-           "models": [{"model": str(world[m]), "parameters": {"weight": 1.0}} for m in models],
-           "parameters": params if params is not None else {"density": 0.5}, **extra}
+def _write_cfg(
+    world: dict[str, Path], method: str = "ties", params=None, models=("e1", "e2"), **extra
+) -> Path:
+    cfg = {
+        "merge_method": method,
+        "base_model": str(world["base"]),
+        "models": [{"model": str(world[m]), "parameters": {"weight": 1.0}} for m in models],
+        "parameters": params if params is not None else {"density": 0.5},
+        **extra,
+    }
     path = world["root"] / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()
+    }
 
 
 def _fails(world: dict[str, Path], *args: str, match: str) -> str:
@@ -128,18 +140,22 @@ def test_nan_input_warns_with_tensor_name(world) -> None:
         sd["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
 
     _edit(world["e1"], poison)
-    res = runner.invoke(app, ["merge", str(_write_cfg(world, "task_arithmetic", params={})),
-                              str(world["root"] / "out")])
+    res = runner.invoke(
+        app, ["merge", str(_write_cfg(world, "task_arithmetic", params={})), str(world["root"] / "out")]
+    )
     assert res.exit_code == 0, res.output
     assert "NaN" in res.output and "model.layers.0.mlp.up_proj.weight" in res.output
 
 
-@pytest.mark.parametrize(("method", "params", "match"), [
-    ("dare-ties", {}, "did you mean 'dare_ties'"),
-    ("ties", {"densty": 0.5}, "densty"),
-    ("ties", {"density": 1.5}, "density"),
-    ("ties", {"density": 0.0}, "density"),
-])
+@pytest.mark.parametrize(
+    ("method", "params", "match"),
+    [
+        ("dare-ties", {}, "did you mean 'dare_ties'"),
+        ("ties", {"densty": 0.5}, "densty"),
+        ("ties", {"density": 1.5}, "density"),
+        ("ties", {"density": 0.0}, "density"),
+    ],
+)
 def test_bad_method_or_parameter(world, method, params, match) -> None:
     text = _fails(world, str(_write_cfg(world, method, params=params)), match=match)
     assert str(world["root"] / "cfg.yaml") in text
@@ -271,10 +287,25 @@ def test_python_m_unimerge_runs_the_command_through_main(world) -> None:
     import sys
 
     cfg, out = _write_cfg(world), world["root"] / "out"
-    ok = subprocess.run([sys.executable, "-m", "unimerge", "merge", str(cfg), str(out), "--seed", "0"],
-                        capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(
+        [sys.executable, "-m", "unimerge", "merge", str(cfg), str(out), "--seed", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("wrote ") and (out / "model.safetensors").is_file()
-    bad = subprocess.run([sys.executable, "-m", "unimerge", "merge", str(world["root"] / "missing.yaml"),
-                          str(world["root"] / "out2")], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "unimerge",
+            "merge",
+            str(world["root"] / "missing.yaml"),
+            str(world["root"] / "out2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "missing.yaml" in bad.stderr

@@ -38,8 +38,20 @@ def _merge_n(method: str, expert: dict, base: dict, seed: int = 0, **params) -> 
 
 
 def test_registry_is_not_empty_and_has_the_core_methods() -> None:
-    core = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "della", "slerp",
-            "model_stock", "passthrough", "tsv_m", "iso_c"}
+    core = {
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "dare_linear",
+        "breadcrumbs",
+        "della",
+        "slerp",
+        "model_stock",
+        "passthrough",
+        "tsv_m",
+        "iso_c",
+    }
     assert core <= set(METHODS)
 
 
@@ -59,8 +71,12 @@ def _base_and_expert(seed: int = 0) -> tuple[dict[str, Tensor], dict[str, Tensor
     base, expert = {}, {}
     for k, shape in SHAPES.items():
         n = math.prod(shape)
-        b = (torch.randint(1, 65, (n,), generator=g).float() * _signs(n, g) / 16).reshape(shape)  # |b| >= 1/16
-        tau = ((torch.randperm(n, generator=g).float() + 1) * _signs(n, g) / 256).reshape(shape)  # |tau| distinct
+        b = (torch.randint(1, 65, (n,), generator=g).float() * _signs(n, g) / 16).reshape(
+            shape
+        )  # |b| >= 1/16
+        tau = ((torch.randperm(n, generator=g).float() + 1) * _signs(n, g) / 256).reshape(
+            shape
+        )  # |tau| distinct
         base[k], expert[k] = b, b + tau
     return base, expert
 
@@ -122,10 +138,14 @@ def _pcb(tau: Tensor, base: Tensor, n: int) -> Tensor:
 
 def _slerp_half(tau: Tensor, base: Tensor, n: int) -> Tensor:
     expert = base + tau
-    cos = float(torch.dot(base.reshape(-1).double(), expert.reshape(-1).double()) / (base.norm() * expert.norm()))
+    cos = float(
+        torch.dot(base.reshape(-1).double(), expert.reshape(-1).double()) / (base.norm() * expert.norm())
+    )
     if abs(cos) > 0.9995:  # colinear: linear interpolation
         return (expert - base) / 2
-    return (base + expert) / (2 * math.cos(math.acos(cos) / 2)) - base  # sin(th/2) / sin(th) = 1 / (2 cos(th/2))
+    return (base + expert) / (
+        2 * math.cos(math.acos(cos) / 2)
+    ) - base  # sin(th/2) / sin(th) = 1 / (2 cos(th/2))
 
 
 @dataclass(frozen=True)
@@ -168,39 +188,67 @@ IDENTICAL: dict[str, Identical] = {
     "magmax": expert("the largest-magnitude entry among equal entries is tau"),
     "emr": expert("elected sign = sign(tau), largest agreeing magnitude |tau|: tau_uni = tau"),
     "cart": expert("centred task vectors are 0, so the lambda=2 low-rank term vanishes: mean = tau"),
-    "wudi": expert("one copy: the start, tau, is the loss minimum (gradient 0); N copies: test below", copies=1),
+    "wudi": expert(
+        "one copy: the start, tau, is the loss minimum (gradient 0); N copies: test below", copies=1
+    ),
     # unnormalised sums: N tau
     "task_arithmetic": times(N, "lambda * sum_i w_i tau_i, weights 1, lambda 1, no normalisation"),
     "magnitude_prune": times(N, "density 1 keeps all; a weighted sum, not normalised"),
     "breadcrumbs": times(N, "density 1 keeps all (gamma only trims below density 1); a plain sum"),
     "breadcrumbs_ties": times(N, "density 1 keeps all; equal signs all agree; a sum, not normalised"),
     "dare_linear": times(N, "density 1 drops nothing (rescale unused); a plain sum", exact=True, params=ALL),
-    "dare_ties": times(N, "density 1 drops nothing; equal signs agree; not normalised", exact=True, params=ALL),
+    "dare_ties": times(
+        N, "density 1 drops nothing; equal signs agree; not normalised", exact=True, params=ALL
+    ),
     "della_linear": times(N, "density 1 drops nothing; a plain sum", exact=True, params=ALL),
-    "consensus_ta": times(N, "task arithmetic N tau; TALL |tau| > 0.4 |N tau - tau| holds for N=3 copies >= k=2"),
+    "consensus_ta": times(
+        N, "task arithmetic N tau; TALL |tau| > 0.4 |N tau - tau| holds for N=3 copies >= k=2"
+    ),
     # a documented part of tau (selection, filtering or a spectrum)
-    "consensus_ties": Identical(lambda tau, b, n: n * _top(tau, 0.2),
-                                "TIES trim to the top density=0.2 entries, disjoint *sum* N; all masks on"),
-    "localize_stitch": Identical(lambda tau, b, n: _top(tau, 0.1),
-                                 "top sparsity=0.1 entries of each copy; overlaps divided by the N masks"),
-    "pcb": Identical(_pcb, "no outlier clamp under 1e4 entries; balance scores rise with |tau|: entries "
-                     "above the int(0.9 d)-th smallest score keep tau (N s tau / N s), the rest get score 0"),
-    "fr_merging": Identical(lambda tau, b, n: tau - tau.mean() if tau.dim() >= 2 else tau,
-                            "lambda_i = 1/N; D0 = 0.1 min(rows, cols) < 1 removes only the DC term "
-                            "(the mean) of 2-D views; 0-d and 1-D tensors are not filtered"),
-    "tsv_m": Identical(_tsv, "orthogonalising N equal bases changes nothing: the rank-int(min(m, k)/N) "
-                       "approximation of tau, alpha 1"),
-    "iso_c": Identical(_iso_c, "SVD of N tau with every singular value set to their mean: "
-                       "N mean(s(tau)) U V^T"),
-    "iso_cts": Identical(_iso_cts, "common + task directions are tau's top singular directions, all "
-                         "given the mean value"),
-    "star": Identical(_star, "each copy truncated to eta=0.4 of its nuclear norm and rescaled; "
-                      "the mean of equal truncations"),
-    "slerp": Identical(_slerp_half, "one model besides the base; t=0.5 is the midpoint on the arc "
-                       "from the base to the expert, not the expert", copies=1),
-    "nearswap": Identical(lambda tau, b, n: (1e-4 / tau.abs()).clamp(0, 1) * tau,
-                          "entries move from the base towards the expert by at most t=1e-4 "
-                          "(the whole way where |tau| <= t)", copies=1),
+    "consensus_ties": Identical(
+        lambda tau, b, n: n * _top(tau, 0.2),
+        "TIES trim to the top density=0.2 entries, disjoint *sum* N; all masks on",
+    ),
+    "localize_stitch": Identical(
+        lambda tau, b, n: _top(tau, 0.1),
+        "top sparsity=0.1 entries of each copy; overlaps divided by the N masks",
+    ),
+    "pcb": Identical(
+        _pcb,
+        "no outlier clamp under 1e4 entries; balance scores rise with |tau|: entries "
+        "above the int(0.9 d)-th smallest score keep tau (N s tau / N s), the rest get score 0",
+    ),
+    "fr_merging": Identical(
+        lambda tau, b, n: tau - tau.mean() if tau.dim() >= 2 else tau,
+        "lambda_i = 1/N; D0 = 0.1 min(rows, cols) < 1 removes only the DC term "
+        "(the mean) of 2-D views; 0-d and 1-D tensors are not filtered",
+    ),
+    "tsv_m": Identical(
+        _tsv,
+        "orthogonalising N equal bases changes nothing: the rank-int(min(m, k)/N) "
+        "approximation of tau, alpha 1",
+    ),
+    "iso_c": Identical(
+        _iso_c, "SVD of N tau with every singular value set to their mean: N mean(s(tau)) U V^T"
+    ),
+    "iso_cts": Identical(
+        _iso_cts, "common + task directions are tau's top singular directions, all given the mean value"
+    ),
+    "star": Identical(
+        _star,
+        "each copy truncated to eta=0.4 of its nuclear norm and rescaled; the mean of equal truncations",
+    ),
+    "slerp": Identical(
+        _slerp_half,
+        "one model besides the base; t=0.5 is the midpoint on the arc "
+        "from the base to the expert, not the expert",
+        copies=1,
+    ),
+    "nearswap": Identical(
+        lambda tau, b, n: (1e-4 / tau.abs()).clamp(0, 1) * tau,
+        "entries move from the base towards the expert by at most t=1e-4 (the whole way where |tau| <= t)",
+        copies=1,
+    ),
 }
 
 

@@ -120,8 +120,10 @@ def wemoe_layers_mix_one_task_vector(p: MergeProblem, merged: MergedModel) -> No
     seen: list[tuple[str, Tensor, Tensor, Tensor]] = []
     layers = {m: n for n, m in merged.module.named_modules() if isinstance(m, WEMoELinear)}
     assert sorted(layers.values()) == ["0", "2"]
-    hooks = [m.register_forward_hook(lambda m, a, out: seen.append((layers[m], a[0], out, m.route.weights)))
-             for m in layers]
+    hooks = [
+        m.register_forward_hook(lambda m, a, out: seen.append((layers[m], a[0], out, m.route.weights)))
+        for m in layers
+    ]
     try:
         with torch.no_grad():
             merged.module(_inputs(p))
@@ -135,7 +137,9 @@ def wemoe_layers_mix_one_task_vector(p: MergeProblem, merged: MergedModel) -> No
         tw, tb = p.experts[0][f"{name}.weight"] - w0, p.experts[0][f"{name}.bias"] - b0
         want = F.linear(x, w0, b0) + s * F.linear(x, tw, tb)
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5, msg=name)
-        assert float(s.min()) > 0.5, "s starts at N init_lambda = 0.9 (s near 0 would make this check vacuous)"
+        assert float(s.min()) > 0.5, (
+            "s starts at N init_lambda = 0.9 (s near 0 would make this check vacuous)"
+        )
 
 
 @dataclass(frozen=True)
@@ -151,43 +155,78 @@ THIRD = 1.0 / N
 _ADAM_STEP = 5e-3 * 0.1 / 0.001**0.5  # lr (1 - b1) / sqrt(1 - b2): the most one Adam step moves (Kingma & Ba)
 ADA_SUM = (N * (0.3 - 2 * _ADAM_STEP), N * (0.3 + 2 * _ADAM_STEP))  # N coefficients, 2 steps from init 0.3
 IDENTICAL: dict[str, list[Identical]] = {
-    "fisher": [Identical({}, state_is_expert, "no tensor varies, so no Fisher is estimated; the "
-                         "average of equal tensors is that tensor")],
+    "fisher": [
+        Identical(
+            {},
+            state_is_expert,
+            "no tensor varies, so no Fisher is estimated; the average of equal tensors is that tensor",
+        )
+    ],
     "greedy_soup": [Identical({}, state_is_expert, "every soup is a uniform average of equal ingredients")],
     "regmean": [Identical({}, state_is_expert, "no linear layer varies: no Gram matrix, the average")],
     "regmean_plusplus": [Identical({}, state_is_expert, "no block has a varying layer: the average")],
     "task_wise_adamerging": [
-        Identical({"steps": 0, "init": THIRD}, outputs_are_expert(1e-5),
-                  "base + sum_k lambda_k tau = base + N init tau: init = 1/N gives the expert"),
-        Identical({}, on_the_line(*ADA_SUM, shared=True),
-                  "equal task vectors get equal gradients, so the coefficients stay equal: "
-                  "base + (sum_k lambda_k) tau, each lambda_k within 2 Adam steps of init 0.3"),
+        Identical(
+            {"steps": 0, "init": THIRD},
+            outputs_are_expert(1e-5),
+            "base + sum_k lambda_k tau = base + N init tau: init = 1/N gives the expert",
+        ),
+        Identical(
+            {},
+            on_the_line(*ADA_SUM, shared=True),
+            "equal task vectors get equal gradients, so the coefficients stay equal: "
+            "base + (sum_k lambda_k) tau, each lambda_k within 2 Adam steps of init 0.3",
+        ),
     ],
     "layer_wise_adamerging": [
         Identical({"steps": 0, "init": THIRD}, outputs_are_expert(1e-5), "init = 1/N: the expert"),
-        Identical({}, on_the_line(*ADA_SUM, shared=False),
-                  "one coefficient sum per tensor: base + c_j tau_j, c_j within 2 Adam steps of N init"),
+        Identical(
+            {},
+            on_the_line(*ADA_SUM, shared=False),
+            "one coefficient sum per tensor: base + c_j tau_j, c_j within 2 Adam steps of N init",
+        ),
     ],
     "lorahub": [
-        Identical({"lower": 0.333, "upper": 0.334, "init": THIRD}, on_the_line(N * 0.333, N * 0.334, shared=True),
-                  "task_arithmetic of equal task vectors with searched weights w: base + (sum_i w_i) tau "
-                  "for every tensor; weights pinned near 1/N keep sum_i w_i near 1"),
+        Identical(
+            {"lower": 0.333, "upper": 0.334, "init": THIRD},
+            on_the_line(N * 0.333, N * 0.334, shared=True),
+            "task_arithmetic of equal task vectors with searched weights w: base + (sum_i w_i) tau "
+            "for every tensor; weights pinned near 1/N keep sum_i w_i near 1",
+        ),
     ],
     "surgery": [
-        Identical({"lambda": THIRD, "steps": 0}, outputs_are_expert(1e-5),
-                  "shared model base + lambda N tau is the expert at lambda = 1/N; untrained adapters "
-                  "(up = 0) are the identity"),
+        Identical(
+            {"lambda": THIRD, "steps": 0},
+            outputs_are_expert(1e-5),
+            "shared model base + lambda N tau is the expert at lambda = 1/N; untrained adapters "
+            "(up = 0) are the identity",
+        ),
         Identical({}, on_the_line(0.9, 0.9, shared=True), "default lambda 0.3: base + 0.3 N tau"),
     ],
-    "smile": [Identical({}, outputs_are_expert(1e-5), "W_0 x + sum_i r_i (tau x) with routing weights "
-                        "summing to 1 and full-rank experts (k=32 > 6), the rest averaged")],
-    "twin_merging": [Identical({}, outputs_are_expert(1e-5), "theta* + sum_i w_i (theta_i - theta*) with "
-                               "softmax weights summing to 1 is theta_i; exclusive parts at full rank")],
+    "smile": [
+        Identical(
+            {},
+            outputs_are_expert(1e-5),
+            "W_0 x + sum_i r_i (tau x) with routing weights "
+            "summing to 1 and full-rank experts (k=32 > 6), the rest averaged",
+        )
+    ],
+    "twin_merging": [
+        Identical(
+            {},
+            outputs_are_expert(1e-5),
+            "theta* + sum_i w_i (theta_i - theta*) with "
+            "softmax weights summing to 1 is theta_i; exclusive parts at full rank",
+        )
+    ],
     "wemoe": [
         Identical({}, wemoe_layers_mix_one_task_vector, "routing weights are not normalised: W_0 + s(x) tau"),
-        Identical({"steps": 0, "lambda": THIRD, "init_lambda": THIRD}, outputs_are_expert(1e-2),
-                  "untrained routers give each task ~init_lambda = 1/N (their N(0, 0.01) weights "
-                  "move it by ~1e-3): about the expert"),
+        Identical(
+            {"steps": 0, "lambda": THIRD, "init_lambda": THIRD},
+            outputs_are_expert(1e-2),
+            "untrained routers give each task ~init_lambda = 1/N (their N(0, 0.01) weights "
+            "move it by ~1e-3): about the expert",
+        ),
     ],
 }
 

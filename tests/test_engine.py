@@ -50,8 +50,9 @@ def _cfg(method: str, models: dict[str, Path], names=("e1", "e2"), params=None, 
 )
 def test_streamed_merge_equals_in_memory(models, tmp_path, method, params, per_model) -> None:
     out = tmp_path / "out"
-    run_merge(_cfg(method, models, params=params, per_model=per_model, seed=5), out,
-              RunOptions(out_shard_size=8000))
+    run_merge(
+        _cfg(method, models, params=params, per_model=per_model, seed=5), out, RunOptions(out_shard_size=8000)
+    )
     got = load_all_tensors(out)
     base = load_all_tensors(models["base"])
     experts = [load_all_tensors(models[n]) for n in ("e1", "e2")]
@@ -78,8 +79,13 @@ def test_thread_count_does_not_change_output(models, tmp_path) -> None:
 
 def test_gradient_and_filter_parameters_follow_mergekit(models, tmp_path) -> None:
     weight = [{"filter": "self_attn", "value": 0.25}, {"value": 1.0}]
-    cfg = _cfg("task_arithmetic", models, names=("e1",), per_model=[{"weight": weight}],
-               params={"lambda": [1.0, 0.0]})
+    cfg = _cfg(
+        "task_arithmetic",
+        models,
+        names=("e1",),
+        per_model=[{"weight": weight}],
+        params={"lambda": [1.0, 0.0]},
+    )
     run_merge(cfg, tmp_path / "o", RunOptions())
     got = load_all_tensors(tmp_path / "o")
     base, e1 = load_all_tensors(models["base"]), load_all_tensors(models["e1"])
@@ -118,8 +124,11 @@ def test_out_dtype_and_loadable_by_transformers(models, tmp_path) -> None:
 def test_lora_adapter_reference(models, tmp_path) -> None:
     lora = make_peft_lora(tmp_path / "lora", models["base"])
     ref = f"{models['base']}+{lora}"
-    cfg = {"merge_method": "task_arithmetic", "base_model": str(models["base"]),
-           "models": [{"model": ref, "parameters": {"weight": 1.0}}]}
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(models["base"]),
+        "models": [{"model": ref, "parameters": {"weight": 1.0}}],
+    }
     run_merge(cfg, tmp_path / "o", RunOptions())
     got, base = load_all_tensors(tmp_path / "o"), load_all_tensors(models["base"])
     acfg = json.loads((lora / "adapter_config.json").read_text())
@@ -136,15 +145,22 @@ def test_lora_adapter_reference(models, tmp_path) -> None:
 
 def test_passthrough_slices_stack_layers(models, tmp_path) -> None:
     transformers = pytest.importorskip("transformers")
-    cfg = {"merge_method": "passthrough", "slices": [
-        {"sources": [{"model": str(models["e1"]), "layer_range": [0, 2]}]},
-        {"sources": [{"model": str(models["e2"]), "layer_range": [1, 2]}]},
-    ]}
+    cfg = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(models["e1"]), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(models["e2"]), "layer_range": [1, 2]}]},
+        ],
+    }
     run_merge(cfg, tmp_path / "o", RunOptions())
     got = load_all_tensors(tmp_path / "o")
     e1, e2 = load_all_tensors(models["e1"]), load_all_tensors(models["e2"])
-    torch.testing.assert_close(got["model.layers.2.mlp.up_proj.weight"], e2["model.layers.1.mlp.up_proj.weight"])
-    torch.testing.assert_close(got["model.layers.1.mlp.up_proj.weight"], e1["model.layers.1.mlp.up_proj.weight"])
+    torch.testing.assert_close(
+        got["model.layers.2.mlp.up_proj.weight"], e2["model.layers.1.mlp.up_proj.weight"]
+    )
+    torch.testing.assert_close(
+        got["model.layers.1.mlp.up_proj.weight"], e1["model.layers.1.mlp.up_proj.weight"]
+    )
     torch.testing.assert_close(got["model.embed_tokens.weight"], e1["model.embed_tokens.weight"])
     torch.testing.assert_close(got["lm_head.weight"], e2["lm_head.weight"])
     assert json.loads((tmp_path / "o" / "config.json").read_text())["num_hidden_layers"] == 3
@@ -228,8 +244,11 @@ def test_integer_buffer_in_some_models_is_taken_from_the_reference(models, tmp_p
     """BERT's `embeddings.position_ids`, stored by older saves only: written from the reference
     model (the base) with a warning; one the reference lacks is left out; merged weights are unchanged."""
     ids = torch.arange(16).unsqueeze(0)
-    world = {**models, "base": _with_extra(models["base"], tmp_path / "base", {"embeddings.position_ids": ids}),
-             "e2": _with_extra(models["e2"], tmp_path / "e2", {"extra.step": torch.tensor([3])})}
+    world = {
+        **models,
+        "base": _with_extra(models["base"], tmp_path / "base", {"embeddings.position_ids": ids}),
+        "e2": _with_extra(models["e2"], tmp_path / "e2", {"extra.step": torch.tensor([3])}),
+    }
     names = ("e1", "e2")
     result = run_merge(_cfg(method, world, names=names), tmp_path / "out2", RunOptions(seed=0))
     got = load_all_tensors(tmp_path / "out2")

@@ -27,7 +27,9 @@ def test_hand_computed_case() -> None:
 @pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 0.9])
 def test_matches_kthvalue_over_the_concatenated_model(density: float) -> None:
     g = torch.Generator().manual_seed(0)
-    ts = [torch.randn(2, 64, 32, generator=g) * s for s in (1.0, 1e-3, 30.0)] + [torch.randn(2, 9, generator=g)]
+    ts = [torch.randn(2, 64, 32, generator=g) * s for s in (1.0, 1e-3, 30.0)] + [
+        torch.randn(2, 9, generator=g)
+    ]
     th = global_magnitude_threshold(_stream(ts), torch.full((2,), density))
     flat = torch.cat([t.reshape(2, -1) for t in ts], 1).abs()
     k = int(density * flat.shape[1])
@@ -62,11 +64,20 @@ def test_global_trim_streams_through_the_engine(tmp_path) -> None:
     base = make_tiny_llama(tmp_path / "b")
     e1 = make_tiny_llama(tmp_path / "e1", perturb_from=base, seed=1)
     e2 = make_tiny_llama(tmp_path / "e2", perturb_from=base, seed=2)
-    cfg = {"merge_method": "ties", "base_model": str(base), "parameters": {"trim_scope": "global", "density": 0.3},
-           "models": [{"model": str(e1)}, {"model": str(e2)}]}
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "parameters": {"trim_scope": "global", "density": 0.3},
+        "models": [{"model": str(e1)}, {"model": str(e2)}],
+    }
     run_merge(cfg, tmp_path / "o")
     got = load_all_tensors(tmp_path / "o")
-    want = merge_state_dicts("ties", [load_all_tensors(e1), load_all_tensors(e2)], load_all_tensors(base),
-                             density=0.3, trim_scope="global")
+    want = merge_state_dicts(
+        "ties",
+        [load_all_tensors(e1), load_all_tensors(e2)],
+        load_all_tensors(base),
+        density=0.3,
+        trim_scope="global",
+    )
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)

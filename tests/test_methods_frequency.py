@@ -137,11 +137,16 @@ def test_free_expert_by_hand() -> None:
 
 def _experts(n: int = 3, seed: int = 0) -> tuple[dict, dict]:
     g = torch.Generator().manual_seed(seed)
-    base = {"a.weight": torch.randn(16, 12, generator=g), "a.bias": torch.randn(16, generator=g),
-            "step": torch.tensor(3)}
+    base = {
+        "a.weight": torch.randn(16, 12, generator=g),
+        "a.bias": torch.randn(16, generator=g),
+        "step": torch.tensor(3),
+    }
     experts = {
-        f"t{i}": {k: (v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v)
-                  for k, v in base.items()}
+        f"t{i}": {
+            k: (v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v)
+            for k, v in base.items()
+        }
         for i in range(n)
     }
     return experts, base
@@ -182,8 +187,12 @@ def test_task_experts_rebuild_by_hand_and_round_trip(tmp_path) -> None:
     for k in rebuilt:
         torch.testing.assert_close(from_file[k], rebuilt[k])
         torch.testing.assert_close(from_merged[k], rebuilt[k])
-    assert torch.equal(merged["a.weight"], merge_state_dicts(
-        "fr_merging", list(experts.values()), base, cutoff=0.1, **{"lambda": 2.0})["a.weight"])  # not mutated
+    assert torch.equal(
+        merged["a.weight"],
+        merge_state_dicts("fr_merging", list(experts.values()), base, cutoff=0.1, **{"lambda": 2.0})[
+            "a.weight"
+        ],
+    )  # not mutated
 
 
 def test_task_experts_bad_input(tmp_path) -> None:
@@ -206,29 +215,55 @@ def test_cli_free_merging_masks_then_task(tmp_path) -> None:
     e1 = make_tiny_llama(tmp_path / "math", perturb_from=base, seed=1)
     e2 = make_tiny_llama(tmp_path / "code", perturb_from=base, seed=2)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"merge_method": "fr_merging", "base_model": str(base),
-                                   "parameters": {"cutoff": 0.2, "lambda": 1.5},
-                                   "models": [{"model": str(e1)}, {"model": str(e2), "parameters": {"weight": 0.5}}]}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "fr_merging",
+                "base_model": str(base),
+                "parameters": {"cutoff": 0.2, "lambda": 1.5},
+                "models": [{"model": str(e1)}, {"model": str(e2), "parameters": {"weight": 0.5}}],
+            }
+        )
+    )
     out = tmp_path / "free.safetensors"
     res = runner.invoke(app, ["masks", str(cfg), str(out), "--kind", "free_merging", "--density", "0.05"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["task", str(out), str(base), str(tmp_path / "out"), "--task", "code"])
     assert res.exit_code == 0, res.output
     got, b = load_all_tensors(tmp_path / "out"), load_all_tensors(base)
-    te = compute_task_experts({"math": load_all_tensors(e1), "code": load_all_tensors(e2)}, b, cutoff=0.2,
-                              lambda_=1.5, density=0.05, weights=[1.0, 0.5])
+    te = compute_task_experts(
+        {"math": load_all_tensors(e1), "code": load_all_tensors(e2)},
+        b,
+        cutoff=0.2,
+        lambda_=1.5,
+        density=0.05,
+        weights=[1.0, 0.5],
+    )
     want = task_experts_state_dict(b, te, "code")
     for k in want:
         torch.testing.assert_close(got[k], want[k])
     # the expert moves the merged model toward its own task
-    merged = merge_state_dicts("fr_merging", [load_all_tensors(e1), load_all_tensors(e2)], b, cutoff=0.2,
-                               weight=[1.0, 0.5], **{"lambda": 1.5})
+    merged = merge_state_dicts(
+        "fr_merging",
+        [load_all_tensors(e1), load_all_tensors(e2)],
+        b,
+        cutoff=0.2,
+        weight=[1.0, 0.5],
+        **{"lambda": 1.5},
+    )
     e2sd = load_all_tensors(e2)
     err = sum(float((got[k].float() - e2sd[k].float()).norm()) for k in te.vector)
     err0 = sum(float((merged[k].float() - e2sd[k].float()).norm()) for k in te.vector)
     assert err < err0
     # a config of another method is refused with the fix
-    cfg.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(base),
-                                   "models": [{"model": str(e1)}, {"model": str(e2)}]}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "ties",
+                "base_model": str(base),
+                "models": [{"model": str(e1)}, {"model": str(e2)}],
+            }
+        )
+    )
     res = runner.invoke(app, ["masks", str(cfg), str(out), "--kind", "free_merging"])
     assert res.exit_code != 0 and "fr_merging" in res.output and "Traceback" not in res.output

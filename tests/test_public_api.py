@@ -38,9 +38,12 @@ def test_all_is_sorted_and_complete() -> None:
     public = {
         name
         for name in dir(unimerge)
-        if not name.startswith("_") and (inspect.isclass(obj := getattr(unimerge, name)) or inspect.isfunction(obj))
+        if not name.startswith("_")
+        and (inspect.isclass(obj := getattr(unimerge, name)) or inspect.isfunction(obj))
     }
-    assert public == set(unimerge.__all__), "export new public names in unimerge.__all__ (or make them private)"
+    assert public == set(unimerge.__all__), (
+        "export new public names in unimerge.__all__ (or make them private)"
+    )
 
 
 def test_every_export_has_a_source_module() -> None:
@@ -83,7 +86,6 @@ def test_errors_are_one_hierarchy() -> None:
 # ------------------------------------------------------------------------ every module's __all__
 
 
-
 def _raise(name: str) -> None:
     raise ImportError(f"cannot import package {name}")  # walk_packages would skip it silently
 
@@ -113,8 +115,13 @@ def _top_level_names(tree: ast.Module) -> set[str]:
 
 
 def test_the_walk_finds_every_layer() -> None:
-    assert {"unimerge.methods.registry", "unimerge.io.atomic", "unimerge.cli.common", "unimerge.__main__",
-            "unimerge.modelmerge.wemoe"} <= set(MODULES)
+    assert {
+        "unimerge.methods.registry",
+        "unimerge.io.atomic",
+        "unimerge.cli.common",
+        "unimerge.__main__",
+        "unimerge.modelmerge.wemoe",
+    } <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)

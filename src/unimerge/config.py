@@ -66,7 +66,13 @@ __all__ = [
 ]
 
 DType = Literal["float32", "float16", "bfloat16"]
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "half": "float16",
+    "float": "float32",
+}
 
 
 class _Strict(BaseModel):
@@ -180,7 +186,9 @@ class SliceSpec(_Strict):
     def _same_length(self) -> SliceSpec:
         lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
         if len(lengths) > 1:
-            raise ValueError(f"all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+            raise ValueError(
+                f"all sources of a slice must span the same number of layers, got {sorted(lengths)}"
+            )
         return self
 
 
@@ -338,7 +346,9 @@ def _leaves(setting: Any) -> list[Any]:
         for cond in setting:
             extra = set(cond) - {"filter", "value"}
             if extra or "value" not in cond:
-                raise ConfigError(f"A filtered parameter entry needs keys `filter` and `value`, got {cond!r}.")
+                raise ConfigError(
+                    f"A filtered parameter entry needs keys `filter` and `value`, got {cond!r}."
+                )
         return [leaf for cond in setting for leaf in _leaves(cond["value"])]
     if isinstance(setting, list):
         if not setting:
@@ -379,7 +389,9 @@ def parse_config(data: Any, path: Path | None = None) -> MergeConfig:
     """Validate a config mapping (already parsed from YAML); ``path`` is the file it came from
     (``data.files`` are resolved against its folder, else against the working folder)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping with `merge_method`, got {type(data).__name__}.")
+        raise ConfigError(
+            f"{path or 'config'}: expected a mapping with `merge_method`, got {type(data).__name__}."
+        )
     try:
         context = {"config_dir": path.resolve().parent if path else None}
         return MergeConfig.model_validate(data, context=context)

@@ -103,7 +103,9 @@ def merge_tensor(
     if not ref.is_floating_point():
         return ref.clone()
     out = merge_stacked(info, _stack(tensors, ref, device), base, params, per_model, generator=generator)
-    return out.clone() if out.untyped_storage().nbytes() > out.nbytes else out  # a row of x would keep all n alive
+    return (
+        out.clone() if out.untyped_storage().nbytes() > out.nbytes else out
+    )  # a row of x would keep all n alive
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -231,7 +233,14 @@ def merge_state_dicts(
     for name in names:
         ref = base[name] if base is not None else experts[0][name]
         g = generator_for(seed, name, device) if info.random else None
-        merged = merge_tensor(info, [sd[name] for sd in experts], None if base is None else base[name],
-                              p, stacked, generator=g, device=device)
+        merged = merge_tensor(
+            info,
+            [sd[name] for sd in experts],
+            None if base is None else base[name],
+            p,
+            stacked,
+            generator=g,
+            device=device,
+        )
         out[name] = merged.to(dtype=ref.dtype, device="cpu")
     return out

@@ -52,8 +52,13 @@ def _as_config(config: MergeConfig | str | Path | Mapping[str, Any]) -> tuple[Me
     return parse_config(dict(config)), None
 
 
-def plan_config(config: MergeConfig | str | Path | Mapping[str, Any], out_dir: str | Path,
-                *, allow_pickle: bool = False, config_dir: Path | None = None) -> MergePlan:
+def plan_config(
+    config: MergeConfig | str | Path | Mapping[str, Any],
+    out_dir: str | Path,
+    *,
+    allow_pickle: bool = False,
+    config_dir: Path | None = None,
+) -> MergePlan:
     """Validate a config and plan it against the inputs' headers (no tensor data is read).
 
     ``config_dir`` resolves relative paths of an already parsed config (a YAML path brings its own).
@@ -82,7 +87,9 @@ class _Runner:
         srcs = [*job.sources, *([job.base] if job.base is not None else [])]
         for src, t in zip(srcs, [*x, *([base] if base is not None else [])], strict=True):
             if not bool(torch.isfinite(t).all()):
-                msg = f"{self.plan.checkpoints[src.model].ref}: tensor {src.name!r} contains NaN or Inf values"
+                msg = (
+                    f"{self.plan.checkpoints[src.model].ref}: tensor {src.name!r} contains NaN or Inf values"
+                )
                 self.warnings.append(msg)
                 log.warning(msg)
 
@@ -114,8 +121,10 @@ class _Runner:
         g = generator_for(self.seed, job.name, self.device) if info.random else None
         out = merge_stacked(info, x, base, job.params, self.per_model(job), generator=g)
         if tuple(out.shape) != job.shape:
-            raise MergeError(f"Method {info.name!r} returned shape {list(out.shape)} for tensor {job.name!r}, "
-                             f"expected {list(job.shape)}.")
+            raise MergeError(
+                f"Method {info.name!r} returned shape {list(out.shape)} for tensor {job.name!r}, "
+                f"expected {list(job.shape)}."
+            )
         return out.to(job.dtype)
 
     def deltas(self) -> Iterator[tuple[str, Tensor]]:
@@ -132,8 +141,13 @@ def job_bytes(job: TensorJob) -> int:
     return (len(job.sources) + 4) * job.numel * itemsize
 
 
-def _run_pool(jobs: Sequence[TensorJob], fn: Callable[[TensorJob], None], threads: int,
-              progress: Callable[[int, int], None] | None, budget: int) -> None:
+def _run_pool(
+    jobs: Sequence[TensorJob],
+    fn: Callable[[TensorJob], None],
+    threads: int,
+    progress: Callable[[int, int], None] | None,
+    budget: int,
+) -> None:
     """Run ``fn`` over jobs with at most ``2 * threads`` in flight whose :func:`job_bytes` sum stays
     within ``budget`` (a job larger than the budget runs alone); the first error stops the run."""
     done = 0
@@ -153,7 +167,9 @@ def _run_pool(jobs: Sequence[TensorJob], fn: Callable[[TensorJob], None], thread
         try:
             for job in jobs:
                 cost = job_bytes(job)
-                while pending and (len(pending) >= 2 * max(1, threads) or sum(pending.values()) + cost > budget):
+                while pending and (
+                    len(pending) >= 2 * max(1, threads) or sum(pending.values()) + cost > budget
+                ):
                     settle()
                 pending[pool.submit(fn, job)] = cost
             while pending:
@@ -179,8 +195,9 @@ def _write_metadata(plan: MergePlan, writer: ShardedWriter, hashes: Mapping[str,
     writer.write_text("README.md", model_card(plan, hashes))
 
 
-def run_plan(plan: MergePlan, out_dir: str | Path, options: RunOptions = RunOptions(),
-             progress: Progress | None = None) -> MergeResult:
+def run_plan(
+    plan: MergePlan, out_dir: str | Path, options: RunOptions = RunOptions(), progress: Progress | None = None
+) -> MergeResult:
     """Execute a plan; the output appears at ``out_dir`` only when complete."""
     start = time.perf_counter()
     device = compute_device(options.device)
@@ -190,8 +207,9 @@ def run_plan(plan: MergePlan, out_dir: str | Path, options: RunOptions = RunOpti
     meta = {"unimerge_method": plan.method.name}
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unimerge-sha")
     try:
-        with ShardedWriter(Path(out_dir), outs, max_shard_bytes=options.out_shard_size, force=options.force,
-                           metadata=meta) as writer:
+        with ShardedWriter(
+            Path(out_dir), outs, max_shard_bytes=options.out_shard_size, force=options.force, metadata=meta
+        ) as writer:
             hashes = _hash_inputs(plan, hasher)
             if plan.method.prepare is not None and plan.jobs:
                 job0 = plan.jobs[0]
@@ -199,8 +217,13 @@ def run_plan(plan: MergePlan, out_dir: str | Path, options: RunOptions = RunOpti
             budget = options.memory_budget or max([_MIN_BUDGET, *map(job_bytes, plan.jobs)])
             what = f"merging ({plan.method.name})"
             report = (lambda done, total: progress(what, done, total)) if progress else None
-            _run_pool(plan.jobs, lambda job: writer.write(job.name, runner.merge(job)), options.threads, report,
-                      budget)
+            _run_pool(
+                plan.jobs,
+                lambda job: writer.write(job.name, runner.merge(job)),
+                options.threads,
+                report,
+                budget,
+            )
             _write_metadata(plan, writer, {f: h.result() for f, h in hashes.items()})
             writer.commit()
     finally:
@@ -208,17 +231,26 @@ def run_plan(plan: MergePlan, out_dir: str | Path, options: RunOptions = RunOpti
         for ck in plan.checkpoints:
             ck.close()
     written = sum(o.nbytes for o in outs)
-    return MergeResult(Path(out_dir), len(outs), written, time.perf_counter() - start,
-                       [*plan.warnings, *runner.warnings])
+    return MergeResult(
+        Path(out_dir), len(outs), written, time.perf_counter() - start, [*plan.warnings, *runner.warnings]
+    )
 
 
 class _Engine(Protocol):
     """How merges of one method kind are checked and run."""
 
-    def check(self, cfg: MergeConfig, config_dir: Path | None, out_dir: Path, options: RunOptions) -> Check: ...
+    def check(
+        self, cfg: MergeConfig, config_dir: Path | None, out_dir: Path, options: RunOptions
+    ) -> Check: ...
 
-    def run(self, cfg: MergeConfig, config_dir: Path | None, out_dir: Path, options: RunOptions,
-            progress: Progress | None) -> MergeResult: ...
+    def run(
+        self,
+        cfg: MergeConfig,
+        config_dir: Path | None,
+        out_dir: Path,
+        options: RunOptions,
+        progress: Progress | None,
+    ) -> MergeResult: ...
 
 
 class _Streaming:
@@ -228,15 +260,26 @@ class _Streaming:
         plan = make_plan(cfg, out_dir, config_dir=config_dir, allow_pickle=options.allow_pickle)
         s = plan.summary(options.threads)
         rows = [("method", f"{plan.method.name} ({plan.method.family})")]
-        rows += [("base" if plan.base is not None and ck is plan.checkpoints[plan.base] else "model", ck.ref)
-                 for ck in plan.checkpoints]
-        rows += [("tensors", str(s["tensors"])), ("bytes to read", format_size(s["bytes_read"])),
-                 ("bytes to write", format_size(s["bytes_written"])),
-                 (f"peak memory (est., {options.threads} threads)", format_size(s["peak_memory"]))]
+        rows += [
+            ("base" if plan.base is not None and ck is plan.checkpoints[plan.base] else "model", ck.ref)
+            for ck in plan.checkpoints
+        ]
+        rows += [
+            ("tensors", str(s["tensors"])),
+            ("bytes to read", format_size(s["bytes_read"])),
+            ("bytes to write", format_size(s["bytes_written"])),
+            (f"peak memory (est., {options.threads} threads)", format_size(s["peak_memory"])),
+        ]
         return Check(rows, list(plan.warnings))
 
-    def run(self, cfg: MergeConfig, config_dir: Path | None, out_dir: Path, options: RunOptions,
-            progress: Progress | None) -> MergeResult:
+    def run(
+        self,
+        cfg: MergeConfig,
+        config_dir: Path | None,
+        out_dir: Path,
+        options: RunOptions,
+        progress: Progress | None,
+    ) -> MergeResult:
         plan = make_plan(cfg, out_dir, config_dir=config_dir, allow_pickle=options.allow_pickle)
         return run_plan(plan, out_dir, options, progress)
 
@@ -252,8 +295,11 @@ def _engine(method: Method) -> _Engine:
             return DataAware()
 
 
-def check_merge(config: MergeConfig | str | Path | Mapping[str, Any], out_dir: str | Path,
-                options: RunOptions = RunOptions()) -> Check:
+def check_merge(
+    config: MergeConfig | str | Path | Mapping[str, Any],
+    out_dir: str | Path,
+    options: RunOptions = RunOptions(),
+) -> Check:
     """Every check a merge makes before reading tensor data (or running a forward pass).
 
     Example:
@@ -263,8 +309,12 @@ def check_merge(config: MergeConfig | str | Path | Mapping[str, Any], out_dir: s
     return _engine(cfg.method).check(cfg, cdir, Path(out_dir), options)
 
 
-def run_merge(config: MergeConfig | str | Path | Mapping[str, Any], out_dir: str | Path,
-              options: RunOptions = RunOptions(), progress: Progress | None = None) -> MergeResult:
+def run_merge(
+    config: MergeConfig | str | Path | Mapping[str, Any],
+    out_dir: str | Path,
+    options: RunOptions = RunOptions(),
+    progress: Progress | None = None,
+) -> MergeResult:
     """Check and run a merge config (a path to YAML, a mapping, or a :class:`MergeConfig`).
 
     A tensor method is planned from the inputs' headers and streamed tensor by tensor; a data-aware

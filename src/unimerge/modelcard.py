@@ -41,5 +41,13 @@ def model_card(plan: MergePlan, hashes: Mapping[str, str]) -> str:
     lines += [f"| `{f}` | `{h}` |" for f, h in sorted(hashes.items())]
     dump = cfg.model_dump(exclude_none=True, exclude_defaults=True)
     dump["merge_method"] = cfg.merge_method
-    lines += ["", "## Configuration", "", "```yaml", yaml.safe_dump(dump, sort_keys=False).rstrip(), "```", ""]
+    lines += [
+        "",
+        "## Configuration",
+        "",
+        "```yaml",
+        yaml.safe_dump(dump, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
     return "\n".join(lines)

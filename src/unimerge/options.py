@@ -68,5 +68,7 @@ def compute_device(name: str) -> torch.device:
     if dev.type not in DEVICES:
         raise ConfigError(f"Device {name!r} is not supported; use one of {', '.join(DEVICES)}.")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but this machine has no CUDA device; use --device cpu.")
+        raise ConfigError(
+            "--device cuda was asked for, but this machine has no CUDA device; use --device cpu."
+        )
     return dev

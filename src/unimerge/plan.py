@@ -75,7 +75,9 @@ class MergePlan:
     def summary(self, threads: int = 1) -> dict[str, Any]:
         """Tensors, bytes to read and write, and an estimate of peak memory in bytes."""
         metas = [ck.tensors() for ck in self.checkpoints]
-        read = sum(metas[s.model][s.name].nbytes for j in self.jobs for s in (*j.sources, *filter(None, [j.base])))
+        read = sum(
+            metas[s.model][s.name].nbytes for j in self.jobs for s in (*j.sources, *filter(None, [j.base]))
+        )
         write = sum(j.numel * j.dtype.itemsize for j in self.jobs)
         largest = max((j.numel for j in self.jobs), default=0)
         n_in = max((len(j.sources) + (j.base is not None) for j in self.jobs), default=0)
@@ -112,7 +114,9 @@ def _check_architectures(refs: Sequence[str], cks: Sequence[Checkpoint]) -> None
             seen.setdefault((str(cfg.get("model_type")), str(cfg.get("architectures"))), ref)
     if len(seen) > 1:
         kinds = "; ".join(f"{r}: model_type={k[0]}, architectures={k[1]}" for k, r in seen.items())
-        raise PlanError(f"The inputs are different architectures ({kinds}). Merge only models of one architecture.")
+        raise PlanError(
+            f"The inputs are different architectures ({kinds}). Merge only models of one architecture."
+        )
 
 
 def _check_names(refs: Sequence[str], metas: Sequence[dict[str, TensorMeta]], ref_idx: int) -> None:
@@ -122,11 +126,13 @@ def _check_names(refs: Sequence[str], metas: Sequence[dict[str, TensorMeta]], re
         missing, extra = sorted(want - set(m)), sorted(set(m) - want)
         if missing or extra:
             problems.append(
-                f"{ref}: missing {len(missing)} {missing[:6]}" + (f", extra {len(extra)} {extra[:6]}" if extra else "")
+                f"{ref}: missing {len(missing)} {missing[:6]}"
+                + (f", extra {len(extra)} {extra[:6]}" if extra else "")
             )
     if problems:
         raise PlanError(
-            f"Tensor names differ from {refs[ref_idx]}: " + "; ".join(problems)
+            f"Tensor names differ from {refs[ref_idx]}: "
+            + "; ".join(problems)
             + ". All models must have the same tensors: check that they share one architecture and size."
         )
 
@@ -151,13 +157,16 @@ def _check_shapes(items: Sequence[tuple[str, Sequence[tuple[str, TensorMeta]]]])
         raise PlanError(
             f"Tensors {names} have different vocabulary sizes {sizes}: the models use different tokenizers "
             "or resized embeddings. Merge models that share a tokenizer, or resize their embeddings to one "
-            "vocabulary first. Details: " + "; ".join(p for n, p in problems if any(h in n for h in _VOCAB_HINTS))
+            "vocabulary first. Details: "
+            + "; ".join(p for n, p in problems if any(h in n for h in _VOCAB_HINTS))
         )
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise PlanError(
             "These tensors differ between the inputs, so the models cannot be merged: "
-            + "; ".join(p for _, p in problems[:5]) + more + ". Check that all models share one architecture and size."
+            + "; ".join(p for _, p in problems[:5])
+            + more
+            + ". Check that all models share one architecture and size."
         )
 
 
@@ -169,7 +178,9 @@ class _Params:
         self.config = config
         self._cache: dict[str, tuple[BaseModel, tuple[BaseModel, ...]]] = {}
 
-    def __call__(self, name: str, t: float, specs: Sequence[ModelSpec]) -> tuple[BaseModel, tuple[BaseModel, ...]]:
+    def __call__(
+        self, name: str, t: float, specs: Sequence[ModelSpec]
+    ) -> tuple[BaseModel, tuple[BaseModel, ...]]:
         g = {k: evaluate_setting(v, name, t) for k, v in self.config.parameters.items()}
         m = [{k: evaluate_setting(v, name, t) for k, v in s.parameters.items()} for s in specs]
         g = {k: v for k, v in g.items() if v is not None}
@@ -186,8 +197,9 @@ def _out_dtype(config: MergeConfig, meta: TensorMeta) -> torch.dtype:
     return _DTYPES[name] if name and meta.dtype.is_floating_point else meta.dtype
 
 
-def make_plan(config: MergeConfig, out_dir: Path, *, config_dir: Path | None = None,
-              allow_pickle: bool = False) -> MergePlan:
+def make_plan(
+    config: MergeConfig, out_dir: Path, *, config_dir: Path | None = None, allow_pickle: bool = False
+) -> MergePlan:
     """Open every input's headers, check everything, and lay out one job per output tensor."""
     info = get_method(config.merge_method, TensorMethod)  # a data-aware method has no tensor plan
     refs = config.expert_refs()
@@ -200,8 +212,12 @@ def make_plan(config: MergeConfig, out_dir: Path, *, config_dir: Path | None = N
     _check_architectures(all_refs, cks)
     meta_root = cks[base if base is not None else 0].root
     tok = config.tokenizer_source
-    tok_root = meta_root if tok in (None, "base") else cks[index[tok]].root if tok in index else Path(
-        resolve_ref(tok, config_dir)
+    tok_root = (
+        meta_root
+        if tok in (None, "base")
+        else cks[index[tok]].root
+        if tok in index
+        else Path(resolve_ref(tok, config_dir))
     )
     plan = MergePlan(config, info, cks, base, [], meta_root, tok_root)
     if config.models is not None:
@@ -221,8 +237,9 @@ def _merged_models(info: MethodInfo, specs: Sequence[ModelSpec], base_ref: str |
     return keep
 
 
-def _model_jobs(config: MergeConfig, cks: list[Checkpoint], index: dict[str, int], base: int | None,
-                warnings: list[str]) -> list[TensorJob]:
+def _model_jobs(
+    config: MergeConfig, cks: list[Checkpoint], index: dict[str, int], base: int | None, warnings: list[str]
+) -> list[TensorJob]:
     info = config.method
     specs = _merged_models(info, config.models or [], config.base_model)
     used = sorted({index[s.model] for s in specs} | ({base} if base is not None else set()))
@@ -231,10 +248,14 @@ def _model_jobs(config: MergeConfig, cks: list[Checkpoint], index: dict[str, int
     refs = [cks[i].ref for i in used]
     partial, notes = _partial_buffers(refs, [metas[i] for i in used], used.index(ref_idx))
     warnings.extend(notes)
-    _check_names(refs, [{k: v for k, v in metas[i].items() if k not in partial} for i in used], used.index(ref_idx))
+    _check_names(
+        refs, [{k: v for k, v in metas[i].items() if k not in partial} for i in used], used.index(ref_idx)
+    )
     n_layers = 1 + max((layer_index(n) or 0 for n in metas[ref_idx]), default=0)
     resolve = _Params(config)
-    _check_shapes([(name, [(cks[i].ref, metas[i][name]) for i in used if name in metas[i]]) for name in metas[ref_idx]])
+    _check_shapes(
+        [(name, [(cks[i].ref, metas[i][name]) for i in used if name in metas[i]]) for name in metas[ref_idx]]
+    )
     jobs = []
     for name, meta in metas[ref_idx].items():
         p, pm = resolve(name, _position(name, n_layers), specs)
@@ -258,8 +279,11 @@ def _partial_buffers(
     out. A floating-point tensor missing anywhere stays an error (see :func:`_check_names`).
     """
     names = {n for m in metas for n in m}
-    partial = {n for n in names if any(n not in m for m in metas)
-               and not any(m[n].dtype.is_floating_point for m in metas if n in m)}
+    partial = {
+        n
+        for n in names
+        if any(n not in m for m in metas) and not any(m[n].dtype.is_floating_point for m in metas if n in m)
+    }
     notes = []
     for n in sorted(partial):
         lacking = [r for r, m in zip(refs, metas, strict=True) if n not in m]
@@ -283,7 +307,9 @@ def _slice_jobs(
         specs = _merged_models(info, sl.sources, config.base_model)
         base_src = next((s for s in sl.sources if s.model == config.base_model), None)
         if info.uses_base and base_src is None:
-            raise ConfigError(f"slices[{k}]: method {info.name!r} needs the base model among the slice's sources.")
+            raise ConfigError(
+                f"slices[{k}]: method {info.name!r} needs the base model among the slice's sources."
+            )
         length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
         if k == 0:
             jobs += _edge_jobs(config, cks, index, specs, base_src, pre=True, resolve=resolve)
@@ -302,39 +328,73 @@ def _layer_names(ck: Checkpoint, layer: int) -> dict[str, str]:
     for name in ck.tensors():
         m = _LAYER.search(name)
         if m is not None and int(m.group(1)) == layer:
-            out[name[: m.start(1)] + "{}" + name[m.end(1):]] = name
+            out[name[: m.start(1)] + "{}" + name[m.end(1) :]] = name
     return out
 
 
-def _layer_jobs(config: MergeConfig, cks: list[Checkpoint], index: dict[str, int], specs: Sequence[SourceSpec],
-                base_src: SourceSpec | None, i: int, out_layer: int, t: float, resolve: _Params) -> list[TensorJob]:
+def _layer_jobs(
+    config: MergeConfig,
+    cks: list[Checkpoint],
+    index: dict[str, int],
+    specs: Sequence[SourceSpec],
+    base_src: SourceSpec | None,
+    i: int,
+    out_layer: int,
+    t: float,
+    resolve: _Params,
+) -> list[TensorJob]:
     info = config.method
     per_src = [(s, _layer_names(cks[index[s.model]], s.layer_range[0] + i)) for s in specs]
     if base_src is not None and info.uses_base:
         per_src_base = _layer_names(cks[index[base_src.model]], base_src.layer_range[0] + i)
     first_spec, first = per_src[0]
     if not first:
-        raise PlanError(f"{first_spec.model} has no layer {first_spec.layer_range[0] + i} (layer_range too long).")
+        raise PlanError(
+            f"{first_spec.model} has no layer {first_spec.layer_range[0] + i} (layer_range too long)."
+        )
     jobs = []
     for pattern, name in first.items():
         srcs = []
         for s, names in per_src:
             if pattern not in names:
-                raise PlanError(f"{s.model} layer {s.layer_range[0] + i} has no tensor {pattern.format('N')!r}.")
+                raise PlanError(
+                    f"{s.model} layer {s.layer_range[0] + i} has no tensor {pattern.format('N')!r}."
+                )
             srcs.append(Source(index[s.model], names[pattern]))
         metas = [(cks[src.model].ref, cks[src.model].tensors()[src.name]) for src in srcs]
-        b = Source(index[base_src.model], per_src_base[pattern]) if base_src is not None and info.uses_base else None
+        b = (
+            Source(index[base_src.model], per_src_base[pattern])
+            if base_src is not None and info.uses_base
+            else None
+        )
         if b is not None:
             metas.append((cks[b.model].ref, cks[b.model].tensors()[b.name]))
         _check_shapes([(name, metas)])
         p, pm = resolve(pattern.format(out_layer), t, specs)
-        jobs.append(TensorJob(pattern.format(out_layer), metas[0][1].shape, _out_dtype(config, metas[0][1]),
-                              tuple(srcs), b, p, pm))
+        jobs.append(
+            TensorJob(
+                pattern.format(out_layer),
+                metas[0][1].shape,
+                _out_dtype(config, metas[0][1]),
+                tuple(srcs),
+                b,
+                p,
+                pm,
+            )
+        )
     return jobs
 
 
-def _edge_jobs(config: MergeConfig, cks: list[Checkpoint], index: dict[str, int], specs: Sequence[SourceSpec],
-               base_src: SourceSpec | None, *, pre: bool, resolve: _Params) -> list[TensorJob]:
+def _edge_jobs(
+    config: MergeConfig,
+    cks: list[Checkpoint],
+    index: dict[str, int],
+    specs: Sequence[SourceSpec],
+    base_src: SourceSpec | None,
+    *,
+    pre: bool,
+    resolve: _Params,
+) -> list[TensorJob]:
     """Non-layer tensors: embeddings from the first slice's sources, the rest from the last slice's."""
     info = config.method
     ref = cks[index[specs[0].model]]

@@ -44,7 +44,9 @@ def merge(
         str, typer.Option(callback=_device, help="Compute device: cpu or cuda (cuda:N for one GPU).")
     ] = "cpu",
     out_shard_size: Annotated[str, typer.Option(help="Max bytes per output shard, e.g. 2GB, 500MB.")] = "2GB",
-    seed: Annotated[int | None, typer.Option(min=0, help="Seed for random methods (overrides the config).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(min=0, help="Seed for random methods (overrides the config).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT_DIR if it exists.")] = False,
     allow_pickle: Annotated[
         bool, typer.Option("--allow-pickle", help="Read pytorch_model.bin pickles (weights_only=True).")
@@ -75,7 +77,9 @@ def validate(
     """Check CONFIG against the inputs (headers, data, sidecars) without merging; print a summary."""
     from unimerge.execute import RunOptions, check_merge
 
-    check = guard(lambda: check_merge(config, output_dir, RunOptions(threads=threads, allow_pickle=allow_pickle)))
+    check = guard(
+        lambda: check_merge(config, output_dir, RunOptions(threads=threads, allow_pickle=allow_pickle))
+    )
     warn(check.warnings)
     table = Table(title=f"{config}: OK", show_header=False)
     for key, value in check.rows:

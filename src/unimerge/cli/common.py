@@ -30,7 +30,9 @@ def guard(fn: Callable[[], T]) -> T:
         err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except (KeyboardInterrupt, MemoryError) as error:
-        err.print(f"[bold red]error:[/] interrupted ({type(error).__name__}); nothing was written to the output.")
+        err.print(
+            f"[bold red]error:[/] interrupted ({type(error).__name__}); nothing was written to the output."
+        )
         raise typer.Exit(130 if isinstance(error, KeyboardInterrupt) else 3) from None
     except Exception as error:  # noqa: BLE001 - a bug, not bad input: one line unless UNIMERGE_DEBUG is set
         if os.environ.get("UNIMERGE_DEBUG"):

@@ -70,7 +70,6 @@ from unimerge.options import Check, MergeResult, Progress, RunOptions, compute_d
 __all__ = ["DataAware", "Setup", "describe", "prepare", "run_data_merge"]
 
 
-
 @dataclass
 class Setup:
     """Everything checked and loaded before the first forward pass."""
@@ -133,7 +132,12 @@ def _needs_labels(info: ModelMethod, params: BaseModel) -> bool:
 
 
 def _check_labels(
-    info: ModelMethod, params: BaseModel, task: TextTask, classes: int | None, head: nn.Module | None, ref: str
+    info: ModelMethod,
+    params: BaseModel,
+    task: TextTask,
+    classes: int | None,
+    head: nn.Module | None,
+    ref: str,
 ) -> None:
     """Labelled methods have labels; labels fit the expert's head.
 
@@ -365,7 +369,13 @@ class DataAware:
         """Every check short of a forward pass (:func:`describe`)."""
         return Check(describe(cfg, config_dir, out_dir, allow_pickle=options.allow_pickle))
 
-    def run(self, cfg: MergeConfig, config_dir: Path | None, out_dir: Path, options: RunOptions,
-            progress: Progress | None) -> MergeResult:
+    def run(
+        self,
+        cfg: MergeConfig,
+        config_dir: Path | None,
+        out_dir: Path,
+        options: RunOptions,
+        progress: Progress | None,
+    ) -> MergeResult:
         """:func:`run_data_merge`."""
         return run_data_merge(cfg, out_dir, options, config_dir=config_dir, progress=progress)

@@ -32,7 +32,8 @@ def resolve_ref(ref: str, config_dir: Path | None) -> str:
             path = config_dir / path
         if not path.exists():
             raise CheckpointError(
-                f"Model {p!r} not found (looked in {Path.cwd()}" + (f" and {config_dir}" if config_dir else "")
+                f"Model {p!r} not found (looked in {Path.cwd()}"
+                + (f" and {config_dir}" if config_dir else "")
                 + "). unimerge reads local folders only and never downloads: download the model first "
                 "(e.g. `huggingface-cli download NAME --local-dir DIR`) and give its folder."
             )

@@ -69,7 +69,9 @@ class SlerpParams(BaseModel):
     """``t``: 0 returns the base, 1 the other model (mergekit requires it; we default to 0.5)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    t: float = Field(default=0.5, ge=0.0, le=1.0, description="Interpolation factor: 0 gives the base, 1 the other model.")
+    t: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Interpolation factor: 0 gives the base, 1 the other model."
+    )
 
 
 def slerp_pair(
@@ -147,7 +149,9 @@ class NuSlerpParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     nuslerp_flatten: bool = Field(default=True, description="Interpolate each tensor as one flat vector.")
-    nuslerp_row_wise: bool = Field(default=False, description="Interpolate row vectors (else columns) when not flattened.")
+    nuslerp_row_wise: bool = Field(
+        default=False, description="Interpolate row vectors (else columns) when not flattened."
+    )
 
 
 def nuslerp_pair(
@@ -300,7 +304,9 @@ class ModelStockParams(BaseModel):
     """``filter_wise``: one ratio per row (last dimension) instead of one per tensor."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    filter_wise: bool = Field(default=False, description="One interpolation ratio per output row instead of per tensor.")
+    filter_wise: bool = Field(
+        default=False, description="One interpolation ratio per output row instead of per tensor."
+    )
 
 
 def model_stock_ratio(x: Tensor, filter_wise: bool = False) -> Tensor:

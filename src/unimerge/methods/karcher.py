@@ -25,8 +25,12 @@ class KarcherParams(BaseModel):
     """mergekit's Karcher options: iteration cap and tolerance (angles, norms, step length)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    max_iter: int = Field(default=10, ge=0, le=1000, description="Fixed-point iterations of the Karcher mean.")
-    tol: float = Field(default=1e-5, gt=0.0, le=1e-1, description="Stop when the update's norm falls below this.")
+    max_iter: int = Field(
+        default=10, ge=0, le=1000, description="Fixed-point iterations of the Karcher mean."
+    )
+    tol: float = Field(
+        default=1e-5, gt=0.0, le=1e-1, description="Stop when the update's norm falls below this."
+    )
 
 
 def karcher_mean_direction(units: Tensor, alphas: Tensor, *, max_iter: int = 10, tol: float = 1e-5) -> Tensor:

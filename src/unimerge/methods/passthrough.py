@@ -23,8 +23,12 @@ class PassthroughModelParams(BaseModel):
     """Per-model ``scale`` (mergekit's; unset = no scaling). ``weight`` is accepted and unused."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    weight: float = Field(default=1.0, ge=-100.0, le=100.0, description="Accepted for mergekit configs; unused.")
-    scale: float | None = Field(default=None, ge=-100.0, le=100.0, description="Multiply the copied tensor by this.")
+    weight: float = Field(
+        default=1.0, ge=-100.0, le=100.0, description="Accepted for mergekit configs; unused."
+    )
+    scale: float | None = Field(
+        default=None, ge=-100.0, le=100.0, description="Multiply the copied tensor by this."
+    )
 
 
 @register_method(

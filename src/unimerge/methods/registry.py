@@ -65,7 +65,16 @@ __all__ = [
 ]
 
 Family = Literal[
-    "average", "task_arithmetic", "sparsify", "geometric", "subspace", "mask", "optimise", "layer", "data", "moe"
+    "average",
+    "task_arithmetic",
+    "sparsify",
+    "geometric",
+    "subspace",
+    "mask",
+    "optimise",
+    "layer",
+    "data",
+    "moe",
 ]
 DataNeeds = Literal["none", "unlabeled", "labeled"]
 Inputs = Literal["deltas", "tensors"]
@@ -119,7 +128,9 @@ class ModelWeight(BaseModel):
     """Per-model parameters of most methods: a weight (negative weights negate a task)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    weight: float = Field(default=1.0, ge=-100.0, le=100.0, description="This model's weight (negative negates its task).")
+    weight: float = Field(
+        default=1.0, ge=-100.0, le=100.0, description="This model's weight (negative negates its task)."
+    )
 
 
 Kind = Literal["tensor", "model"]

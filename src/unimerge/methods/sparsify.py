@@ -129,13 +129,17 @@ class DensityWeight(ModelWeight):
 class BreadcrumbsWeight(DensityWeight):
     """Per-model weight, density and gamma (fraction of largest-magnitude entries dropped)."""
 
-    gamma: float = Field(default=0.01, ge=0.0, le=1.0, description="Fraction of largest-magnitude entries dropped.")
+    gamma: float = Field(
+        default=0.01, ge=0.0, le=1.0, description="Fraction of largest-magnitude entries dropped."
+    )
 
 
 class DellaWeight(DensityWeight):
     """Per-model weight, density and epsilon (half-width of DELLA's keep-probability range)."""
 
-    epsilon: float = Field(default=0.15, ge=0.0, lt=0.5, description="Half-width of the keep-probability range.")
+    epsilon: float = Field(
+        default=0.15, ge=0.0, lt=0.5, description="Half-width of the keep-probability range."
+    )
 
     @model_validator(mode="after")
     def _check_range(self) -> DellaWeight:

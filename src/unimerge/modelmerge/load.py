@@ -168,7 +168,9 @@ def _base_module(folder: Path, meta: dict[str, Any], base: BaseSpec) -> nn.Modul
     config = transformers.AutoConfig.from_pretrained(folder)
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
-    return cls(config) if cls is not None else transformers.AutoModel.from_config(config)  # classes lack from_config
+    return (
+        cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+    )  # classes lack from_config
 
 
 def _rebuild(folder: Path, meta: dict[str, Any], base: BaseSpec) -> nn.Module:

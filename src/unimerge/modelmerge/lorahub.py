@@ -62,7 +62,9 @@ class LoraHubParams(BaseModel):
             raise ValueError(f"lorahub composes data-free methods; {self.method!r} needs data")
         if "weight" in self.method_params:
             raise ValueError("'weight' is what lorahub searches; do not set it in method_params")
-        validate_params(info, self.method_params, [{}])  # per-model names too; checked when the config is read, not at the first merge
+        validate_params(
+            info, self.method_params, [{}]
+        )  # per-model names too; checked when the config is read, not at the first merge
         return self
 
 
