@@ -17,24 +17,30 @@ import contextlib
 import copy
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from unimerge.errors import MergeError
-from unimerge.methods import Batch, MergeProblem
+from unimerge.methods import Batch, MergeProblem, TaskSource
 
 __all__ = [
     "ALL_LINEARS",
+    "METHOD_ATTR",
     "MLP_TARGETS",
     "LowRankExperts",
     "autocast",
+    "backward",
     "count_params",
     "cycle_batches",
     "dense_copy",
     "frozen_heads",
+    "linear_at",
     "low_rank",
     "match_linears",
+    "record_method",
+    "recorded_method",
     "replace_module",
     "task_arithmetic_state",
     "task_vectors",
@@ -48,6 +54,8 @@ MLP_TARGETS: tuple[str, ...] = (
     r"(^|\.)mlp\.(gate|up|down)_proj$",
 )
 ALL_LINEARS: tuple[str, ...] = (r".",)
+# The attribute on a merged module naming the method and parameters that made it (save_merged writes it).
+METHOD_ATTR = "unimerge_method"
 
 
 def match_linears(module: nn.Module, targets: Sequence[str]) -> list[str]:
@@ -68,11 +76,34 @@ def match_linears(module: nn.Module, targets: Sequence[str]) -> list[str]:
     return chosen
 
 
+def linear_at(root: nn.Module, name: str) -> nn.Linear:
+    """The ``nn.Linear`` at dotted path ``name`` inside ``root``.
+
+    Raises:
+        MergeError: the submodule there is not an ``nn.Linear``.
+    """
+    module = root.get_submodule(name)
+    if not isinstance(module, nn.Linear):
+        raise MergeError(f"{name!r} is a {type(module).__name__}, not an nn.Linear; check `targets`")
+    return module
+
+
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` at dotted path ``name`` inside ``root`` (in place)."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+def record_method(module: nn.Module, method: str, params: Mapping[str, Any]) -> None:
+    """Note on ``module`` the method and JSON parameters that made it (read by :func:`recorded_method`)."""
+    setattr(module, METHOD_ATTR, {"method": method, "params": params})
+
+
+def recorded_method(module: nn.Module) -> dict[str, Any]:
+    """What :func:`record_method` noted on ``module`` (``{}`` when nothing was)."""
+    record = getattr(module, METHOD_ATTR, None)
+    return record if isinstance(record, dict) else {}
 
 
 def task_vectors(problem: MergeProblem) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
@@ -108,7 +139,7 @@ def task_vectors(problem: MergeProblem) -> tuple[dict[str, Tensor], list[dict[st
 
 def task_arithmetic_state(
     base: Mapping[str, Tensor], tvs: Sequence[Mapping[str, Tensor]], scale: float
-) -> dict:
+) -> dict[str, Tensor]:
     """``base + scale * sum_i tau_i`` for every task-vector entry; other tensors as in ``base``."""
     out = dict(base)
     for name in tvs[0]:
@@ -163,7 +194,7 @@ class LowRankExperts(nn.Module):
         with torch.no_grad():
             experts.up.copy_(up)
             experts.down.copy_(down)
-            if biases is not None:
+            if biases is not None and experts.bias is not None:
                 experts.bias.copy_(biases)
         return experts
 
@@ -177,6 +208,11 @@ class LowRankExperts(nn.Module):
         return out
 
 
+def backward(loss: Tensor) -> None:
+    """Accumulate the gradients of the scalar ``loss`` (``loss.backward()``, typed)."""
+    torch.autograd.backward(loss)
+
+
 def count_params(*modules: nn.Module) -> int:
     """Number of stored values (parameters and floating buffers) of ``modules``, shared tensors once."""
     seen: dict[int, int] = {}
@@ -187,7 +223,7 @@ def count_params(*modules: nn.Module) -> int:
     return sum(seen.values())
 
 
-def autocast(device: torch.device | str, enabled: bool) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device | str, enabled: bool) -> contextlib.AbstractContextManager[None]:
     """bf16 autocast on ``device`` when ``enabled`` (a no-op context otherwise)."""
     kind = torch.device(device).type
     return torch.autocast(kind, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
@@ -198,7 +234,9 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def cycle_batches(task, n: int, batch_size: int, seed: int, device: torch.device | str) -> Iterator[Batch]:
+def cycle_batches(
+    task: TaskSource, n: int, batch_size: int, seed: int, device: torch.device | str
+) -> Iterator[Batch]:
     """Endless unlabeled batches of ``task``: the same ``n`` examples (the data budget), pass after pass."""
     while True:
         empty = True

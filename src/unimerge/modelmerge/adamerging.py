@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -79,10 +79,10 @@ class _Functional(nn.Module):
         object.__setattr__(self, "_inner", inner)
         object.__setattr__(self, "_tensors", dict(tensors))
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         return functional_call(self._inner, self._tensors, args, kwargs, strict=False)
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -184,7 +184,7 @@ def _finish(problem: MergeProblem, res: AdaResult) -> MergedModel:
     return merged
 
 
-_GRID: dict[str, tuple] = {}  # one run at the defaults: each run is minutes of CPU on MiniLM
+_GRID: dict[str, tuple[Any, ...]] = {}  # one run at the defaults: each run is minutes of CPU on MiniLM
 
 
 @register_model_method(

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from unimerge.methods import Batch, MergedModel, MergeProblem, expand_like, register_model_method
 from unimerge.modelmerge.stats import (
+    LogProbs,
     average_state,
     check_experts,
     collect_fisher,
@@ -116,7 +117,7 @@ def fisher_state_dict(
     return out
 
 
-def _log_probs(problem: MergeProblem, task: int):
+def _log_probs(problem: MergeProblem, task: int) -> LogProbs:
     def fn(module: nn.Module, batch: Batch) -> Tensor:
         return torch.log_softmax(problem.logits(module, task, batch).float(), dim=-1)  # (b, k)
 

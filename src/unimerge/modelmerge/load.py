@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from unimerge.errors import CheckpointError
 from unimerge.io import atomic_dir
 from unimerge.methods import MergedModel
-from unimerge.modelmerge._moe import count_params, replace_module
+from unimerge.modelmerge._moe import count_params, record_method, recorded_method, replace_module
 from unimerge.modelmerge.smile import SmileLinear
 from unimerge.modelmerge.surgery import SurgeryModule
 from unimerge.modelmerge.twin import TwinLinear, TwinModel
@@ -41,10 +41,17 @@ FORMAT = "unimerge-merged-model/1"
 _LAYERS = {cls.kind: cls for cls in (SmileLinear, WEMoELinear, TwinLinear)}
 _WRAPPERS = {cls.kind: cls for cls in (TwinModel, SurgeryModule)}
 BaseSpec = nn.Module | Callable[[], nn.Module] | None
+Layer = SmileLinear | WEMoELinear | TwinLinear  # the layer kinds a method puts into a model
+Wrapper = TwinModel | SurgeryModule  # the modules a method wraps a model in
 
 
-def _layers(inner: nn.Module) -> dict[str, Any]:
-    return {name: m for name, m in inner.named_modules() if type(m) in _LAYERS.values()}
+def _layers(inner: nn.Module) -> dict[str, Layer]:
+    return {name: m for name, m in inner.named_modules() if isinstance(m, Layer)}
+
+
+def _wrapper(module: nn.Module) -> Wrapper | None:
+    """``module`` when it is a wrapper (Twin-Merging's router model), else ``None``."""
+    return module if isinstance(module, Wrapper) else None
 
 
 def _dense_count(inner: nn.Module) -> int:
@@ -84,9 +91,9 @@ def write_merged(
     """The files of :func:`save_merged`, written into the existing folder ``out`` (a caller's
     temporary folder that it renames into place itself)."""
     module = merged.module
-    recorded = getattr(module, "unimerge_method", {}) or {}
-    wrapper = type(module) in _WRAPPERS.values()
-    inner = module.model if wrapper else module
+    recorded = recorded_method(module)
+    wrapper = _wrapper(module)
+    inner = wrapper.model if wrapper is not None else module
     tensors = {f"module.{k}": v for k, v in module.state_dict().items()}
     tasks = {}
     for name, tm in merged.task_modules.items():
@@ -101,7 +108,7 @@ def write_merged(
         "format": FORMAT,
         "method": method or recorded.get("method"),
         "params": params if params is not None else recorded.get("params", {}),
-        "wrapper": {"kind": module.kind, "config": module.wrapper_config()} if wrapper else None,
+        "wrapper": None if wrapper is None else {"kind": wrapper.kind, "config": wrapper.wrapper_config()},
         "layers": {name: {"kind": m.kind, "config": m.config()} for name, m in _layers(inner).items()},
         "task_modules": tasks,
         "params_total": total,
@@ -111,7 +118,7 @@ def write_merged(
         "base_config": None,
     }
     hf_config = getattr(inner, "config", None)
-    if hasattr(hf_config, "to_json_file"):
+    if hf_config is not None and hasattr(hf_config, "to_json_file"):
         hf_config.to_json_file(out / "config.json")
         meta["base_config"] = "config.json"
     save_file(
@@ -147,6 +154,8 @@ def _read_meta(folder: Path) -> dict[str, Any]:
         meta = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{file} is not valid JSON ({err}); re-save the model") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(meta).__name__}, not an object; re-save the model")
     if meta.get("format") != FORMAT:
         raise CheckpointError(
             f"{file}: unknown format {meta.get('format')!r} (this unimerge reads {FORMAT!r})"
@@ -163,14 +172,22 @@ def _base_module(folder: Path, meta: dict[str, Any], base: BaseSpec) -> nn.Modul
         raise CheckpointError(
             f"{folder} has no Hugging Face config.json; pass the base architecture: load(path, base=module_or_factory)"
         )
+    return _hf_module(folder)
+
+
+def _hf_module(folder: Path) -> nn.Module:
+    """The architecture named in ``folder``'s Hugging Face ``config.json`` (freshly initialised)."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(folder)
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
-    return (
-        cls(config) if cls is not None else transformers.AutoModel.from_config(config)
-    )  # classes lack from_config
+    # Model classes lack from_config; AutoModel builds the default architecture for the config.
+    build: Callable[[Any], object] = cls if cls is not None else transformers.AutoModel.from_config
+    model = build(config)
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"{folder}/config.json built a {type(model).__name__}, not a torch module")
+    return model
 
 
 def _rebuild(folder: Path, meta: dict[str, Any], base: BaseSpec) -> nn.Module:
@@ -203,15 +220,10 @@ def load_merged(path: str | Path, base: BaseSpec = None) -> MergedModel:
             f"{folder / 'model.safetensors'} does not fit the rebuilt model: {err}"
         ) from None
     module.requires_grad_(False).eval()
-    module.unimerge_method = {"method": meta["method"], "params": meta["params"]}
-    tasks = {}
-    for name, spec in meta["task_modules"].items():
-        tm = _WRAPPERS[spec["kind"]](module, **spec["config"])
-        prefix = f"task_modules.{name}.adapter."
-        tm.adapter.load_state_dict(
-            {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-        )
-        tasks[name] = tm.requires_grad_(False).eval()
+    record_method(module, meta["method"], meta["params"])
+    tasks = {
+        name: _task_module(folder, module, name, spec, tensors) for name, spec in meta["task_modules"].items()
+    }
     return MergedModel(
         module=module,
         examples_used=meta["examples_used"],
@@ -219,6 +231,22 @@ def load_merged(path: str | Path, base: BaseSpec = None) -> MergedModel:
         task_modules=tasks,
         params_total=meta["params_total"],
     )
+
+
+def _task_module(
+    folder: Path, module: nn.Module, name: str, spec: Mapping[str, Any], tensors: Mapping[str, Tensor]
+) -> SurgeryModule:
+    """Task ``name``'s saved module on ``module`` (a surgery adapter, the only per-task kind)."""
+    if spec["kind"] != SurgeryModule.kind:
+        raise CheckpointError(
+            f"{folder / MODEL_FILE}: task module {name!r} has kind {spec['kind']!r}, expected {SurgeryModule.kind!r}"
+        )
+    tm = SurgeryModule(module, **spec["config"])
+    prefix = f"task_modules.{name}.adapter."
+    tm.adapter.load_state_dict(
+        {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    )
+    return tm.requires_grad_(False).eval()
 
 
 def load(path: str | Path, base: BaseSpec = None) -> nn.Module:

@@ -153,7 +153,7 @@ def _composer(problem: MergeProblem, params: LoraHubParams) -> Callable[[Sequenc
     """``weights -> merged state dict``. For per-tensor methods on task vectors, tensors that every
     expert leaves at the base value (zero task vectors) are not re-merged each evaluation."""
     base = problem.base.state_dict()
-    info = get_method(params.method)
+    info = get_method(params.method, TensorMethod)  # LoraHubParams refused model methods
     extra: Mapping[str, Any] = params.method_params
     keep = list(base)
     if info.inputs == "deltas" and info.scope == "tensor":

@@ -20,7 +20,8 @@ matrices of block ``l``'s linear layers are collected by running expert ``i``'s 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -99,7 +100,7 @@ def _solve_right(rhs: Tensor, gram: Tensor) -> Tensor:
     d = torch.diagonal(chol)
     if int(info) == 0 and float(d.min()) ** 2 > 1e-12 * float(d.max()) ** 2:  # well conditioned enough
         return torch.cholesky_solve(rhs.T, chol).T  # (out, in)
-    return rhs @ torch.linalg.pinv(gram, hermitian=True)
+    return rhs @ cast(Tensor, torch.linalg.pinv(gram, hermitian=True))  # torch.linalg is untyped
 
 
 def regmean_state_dict(
@@ -115,7 +116,7 @@ def regmean_state_dict(
     return out
 
 
-def _run(problem: MergeProblem):
+def _run(problem: MergeProblem) -> Callable[[nn.Module, Batch], Tensor]:
     def run(module: nn.Module, batch: Batch) -> Tensor:
         return problem.features(module, batch)
 

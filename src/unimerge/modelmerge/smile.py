@@ -15,7 +15,7 @@ module-level interface. The model card states the parameter count against the de
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,10 @@ from unimerge.modelmerge._moe import (
     LowRankExperts,
     count_params,
     dense_copy,
+    linear_at,
     low_rank,
     match_linears,
+    record_method,
     replace_module,
     task_arithmetic_state,
     task_vectors,
@@ -103,7 +105,7 @@ class SmileLinear(nn.Module):
             linear.in_features, linear.out_features, dw.shape[0], r, g, top_k, linear.bias is not None
         )
         layer.weight.copy_(linear.weight)
-        if linear.bias is not None:
+        if layer.bias is not None and linear.bias is not None:  # both present or both absent
             layer.bias.copy_(linear.bias)
         layer.gate.copy_(torch.stack([f[1][:g] for f in factors]))
         layer.experts = experts
@@ -119,7 +121,7 @@ class SmileLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        return out + self.experts(x, self.routing(x)).to(out.dtype)
+        return out + cast(Tensor, self.experts(x, self.routing(x))).to(out.dtype)
 
 
 @register_model_method(
@@ -142,8 +144,8 @@ def smile(problem: MergeProblem, params: SmileParams) -> MergedModel:
         db = torch.stack([tv[f"{name}.bias"] for tv in tvs]) if has_bias else None  # (n, out)
         if not dw.any() and (db is None or not db.any()):
             continue  # no expert changed this layer: keep the pretrained one
-        linear = problem.base.get_submodule(name)
+        linear = linear_at(problem.base, name)
         replace_module(module, name, SmileLinear.build(linear, dw, db, params.k, params.gate_k, params.top_k))
-    module.unimerge_method = {"method": "smile", "params": params.model_dump(mode="json")}
+    record_method(module, "smile", params.model_dump(mode="json"))
     module = module.to(problem.device)
     return MergedModel(module=module, examples_used=0, labeled=False, params_total=count_params(module))

@@ -20,7 +20,7 @@ import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
@@ -34,6 +34,7 @@ from unimerge.methods import Batch, MergedModel, MergeProblem
 __all__ = [
     "STATS_FORMAT",
     "FisherMode",
+    "LogProbs",
     "Stats",
     "autocast",
     "average_state",
@@ -57,6 +58,7 @@ __all__ = [
 STATS_FORMAT = "unimerge-stats/1"
 FisherMode = Literal["empirical", "sampled"]
 LogProbs = Callable[[nn.Module, Batch], Tensor]  # (module, batch) -> (b, classes) log-probabilities
+ForwardHook = Callable[[nn.Module, tuple[Any, ...], object], None]  # (module, positional inputs, output)
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ def load_stats(path: str | Path, kind: str | None = None) -> Stats:
     return Stats(tensors, meta["kind"], int(meta.get("examples", "0")), meta)
 
 
-def autocast(device: torch.device | str, enabled: bool) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device | str, enabled: bool) -> contextlib.AbstractContextManager[None]:
     """bf16 autocast on ``device`` (CPU or CUDA) when ``enabled``, else a no-op."""
     kind = torch.device(device).type
     if not enabled or kind not in ("cpu", "cuda"):
@@ -291,15 +293,15 @@ def collect_grams(
     rows: dict[str, int] = {}
     current: dict[str, Tensor | None] = {"mask": None}
 
-    def hook_for(name: str):
-        def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+    def hook_for(name: str) -> ForwardHook:
+        def hook(mod: nn.Module, args: tuple[Any, ...], out: object) -> None:
             x = _rows(args[0].detach(), current["mask"]).float()  # (rows, in)
             sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
             rows[name] = rows.get(name, 0) + x.shape[0]
 
         return hook
 
-    def stop(mod: nn.Module, args: tuple, out: object) -> None:
+    def stop(mod: nn.Module, args: tuple[Any, ...], out: object) -> None:
         raise _Stop
 
     handles = [m.register_forward_hook(hook_for(n)) for n, m in layers.items()]

@@ -16,7 +16,8 @@ batch; only the small surgery modules see gradients.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -24,17 +25,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from unimerge.errors import MergeError
-from unimerge.methods import MergedModel, MergeProblem, register_model_method
+from unimerge.methods import Batch, MergedModel, MergeProblem, register_model_method
 from unimerge.modelmerge._moe import (
     autocast,
+    backward,
     count_params,
     dense_copy,
+    record_method,
     task_arithmetic_state,
     task_vectors,
     to_device,
 )
 
 __all__ = ["SurgeryAdapter", "SurgeryModule", "SurgeryParams", "feature_distance", "surgery", "train_adapter"]
+
+Row = tuple[Batch, Any, Tensor]  # (batch, the merged model's output on it, the expert's features (b, d))
 
 
 class SurgeryParams(BaseModel):
@@ -61,10 +66,10 @@ class SurgeryAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
 
     def forward(self, z: Tensor) -> Tensor:
-        return z - self.up(F.relu(self.down(z)))
+        return z - cast(Tensor, self.up(F.relu(self.down(z))))
 
 
-def _replace_hidden(out: Any, fn) -> Any:
+def _replace_hidden(out: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     """``out`` with its last hidden state (``last_hidden_state``, first tuple item or the tensor) mapped by ``fn``."""
     if isinstance(out, Tensor):
         return fn(out)
@@ -106,18 +111,23 @@ class _Replay(nn.Module):
 
 def _hidden_dim(out: Any) -> int:
     dims: list[int] = []
-    _replace_hidden(out, lambda h: dims.append(h.shape[-1]) or h)
+
+    def record(h: Tensor) -> Tensor:
+        dims.append(h.shape[-1])
+        return h
+
+    _replace_hidden(out, record)
     return dims[0]
 
 
 @torch.no_grad()
-def _targets(problem: MergeProblem, merged: nn.Module, task: int, params: SurgeryParams) -> list[tuple]:
+def _targets(problem: MergeProblem, merged: nn.Module, task: int, params: SurgeryParams) -> list[Row]:
     """(batch, merged output, expert features) for the task's unlabeled batches."""
     state = {**problem.base.state_dict(), **problem.experts[task]}
     expert = dense_copy(problem.base, state).to(problem.device)
     grab: list[Any] = []
     hook = merged.register_forward_hook(lambda _m, _a, out: grab.append(out))
-    rows = []
+    rows: list[Row] = []
     try:
         for batch in problem.tasks[task].unlabeled(
             problem.budget, batch_size=params.batch_size, seed=problem.seed
@@ -137,7 +147,7 @@ def _targets(problem: MergeProblem, merged: nn.Module, task: int, params: Surger
 
 
 def train_adapter(
-    problem: MergeProblem, rows: list[tuple], module: SurgeryModule, params: SurgeryParams
+    problem: MergeProblem, rows: list[Row], module: SurgeryModule, params: SurgeryParams
 ) -> list[float]:
     """Adam on ``module.adapter``: L1 between surgered merged features and expert features. Returns losses."""
     replay = _Replay()
@@ -150,7 +160,7 @@ def train_adapter(
         batch, out, target = rows[step % len(rows)]
         replay.output = out
         loss = F.l1_loss(problem.features(stand_in, batch).float(), target)
-        loss.backward()
+        backward(loss)
         optim.step()
         optim.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
@@ -158,7 +168,7 @@ def train_adapter(
     return losses
 
 
-def feature_distance(problem: MergeProblem, rows: list[tuple], adapter: SurgeryAdapter) -> float:
+def feature_distance(problem: MergeProblem, rows: list[Row], adapter: SurgeryAdapter) -> float:
     """Mean L1 distance between the surgered merged features (``adapter``) and the expert's, over ``rows``."""
     replay = _Replay()
     stand_in = SurgeryModule(replay, adapter.up.out_features, adapter.down.out_features)
@@ -194,7 +204,7 @@ def surgery(problem: MergeProblem, params: SurgeryParams) -> MergedModel:
             module = SurgeryModule(merged, _hidden_dim(rows[0][1]), params.rank).to(problem.device)
             train_adapter(problem, rows, module, params)
             modules[task.name] = module
-    merged.unimerge_method = {"method": "surgery", "params": params.model_dump(mode="json", by_alias=True)}
+    record_method(merged, "surgery", params.model_dump(mode="json", by_alias=True))
     total = count_params(merged, *modules.values())
     return MergedModel(
         module=merged, examples_used=used, labeled=False, task_modules=modules, params_total=total

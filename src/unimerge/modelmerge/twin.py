@@ -17,21 +17,25 @@ https://arxiv.org/abs/2406.15479 (official code: ``LZY-the-boys/Twin-Merging``).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from unimerge.errors import MergeError
 from unimerge.methods import MergedModel, MergeProblem, register_model_method
 from unimerge.modelmerge._moe import (
     ALL_LINEARS,
     LowRankExperts,
     autocast,
+    backward,
     count_params,
     dense_copy,
+    linear_at,
     match_linears,
+    record_method,
     replace_module,
     task_arithmetic_state,
     task_vectors,
@@ -91,13 +95,15 @@ class TwinLinear(nn.Module):
         if self.route is None:
             return out
         w = self.route.reshape(x.shape[0], *([1] * (x.dim() - 2)), self.n)  # (b, 1.., n)
-        return out + self.experts(x, w).to(out.dtype)
+        return out + cast(Tensor, self.experts(x, w)).to(out.dtype)
 
 
 def pooled_output(out: Any, attention_mask: Tensor | None) -> Tensor:
     """The router's features: the (masked) token mean of a model's last hidden states, ``(b, d)``."""
     h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out
     h = h[0] if isinstance(h, tuple) else h
+    if not isinstance(h, Tensor):
+        raise TypeError(f"the router cannot find the hidden states in a {type(out).__name__} output")
     if h.dim() == 2:
         return h
     if attention_mask is not None and h.dim() == 3:
@@ -108,6 +114,9 @@ def pooled_output(out: Any, attention_mask: Tensor | None) -> Tensor:
 
 class Standardize(nn.Module):
     """``(x - mean) / std`` with statistics fitted once on the router's training features."""
+
+    mean: Tensor  # (d,) buffer
+    std: Tensor  # (d,) buffer
 
     def __init__(self, d: int) -> None:
         super().__init__()
@@ -168,7 +177,7 @@ def _build(problem: MergeProblem, params: TwinParams) -> nn.Module:
     shared_sd = task_arithmetic_state(base_sd, tvs, params.lambda_)
     module = dense_copy(problem.base, shared_sd)
     for name in match_linears(module, params.targets):
-        linear = module.get_submodule(name)
+        linear = linear_at(module, name)
         shared_w = shared_sd[f"{name}.weight"].float()
         dw = torch.stack([base_sd[f"{name}.weight"].float() + tv[f"{name}.weight"] - shared_w for tv in tvs])
         db = None
@@ -181,7 +190,7 @@ def _build(problem: MergeProblem, params: TwinParams) -> nn.Module:
         )
         with torch.no_grad():
             layer.weight.copy_(linear.weight)
-            if db is not None:
+            if layer.bias is not None and linear.bias is not None:  # both present exactly when db is
                 layer.bias.copy_(linear.bias)
         layer.experts = experts
         replace_module(module, name, layer)
@@ -205,15 +214,24 @@ def router_data(twin: TwinModel, problem: MergeProblem, params: TwinParams) -> t
     return torch.cat(feats), torch.cat(ids)
 
 
-def train_router(router: nn.Module, feats: Tensor, ids: Tensor, params: TwinParams) -> list[float]:
-    """Full-batch Adam on cross-entropy of task ids (after fitting the input standardisation). Returns losses."""
-    router[0].fit(feats)
+def train_router(router: nn.Sequential, feats: Tensor, ids: Tensor, params: TwinParams) -> list[float]:
+    """Full-batch Adam on cross-entropy of task ids (after fitting the input standardisation). Returns losses.
+
+    Raises:
+        MergeError: ``router`` does not start with a :class:`Standardize` layer.
+    """
+    standardize = router[0]
+    if not isinstance(standardize, Standardize):
+        raise MergeError(
+            f"the Twin-Merging router must start with Standardize, not {type(standardize).__name__}"
+        )
+    standardize.fit(feats)
     router.requires_grad_(True)
     optim = torch.optim.Adam(router.parameters(), lr=params.router_lr)
     losses = []
     for _ in range(params.router_steps):
         loss = F.cross_entropy(router(feats), ids)
-        loss.backward()
+        backward(loss)
         optim.step()
         optim.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
@@ -238,6 +256,6 @@ def twin_merging(problem: MergeProblem, params: TwinParams) -> MergedModel:
         feats, ids = router_data(TwinModel(module, 1, len(problem.tasks), 1), problem, params)  # (m, d), (m,)
         twin = TwinModel(module, feats.shape[1], len(problem.tasks), params.router_hidden).to(problem.device)
     train_router(twin.router, feats, ids, params)
-    twin.unimerge_method = {"method": "twin_merging", "params": params.model_dump(mode="json", by_alias=True)}
+    record_method(twin, "twin_merging", params.model_dump(mode="json", by_alias=True))
     used = min(problem.budget, max((int((ids == i).sum()) for i in range(len(problem.tasks))), default=0))
     return MergedModel(module=twin, examples_used=used, labeled=False, params_total=count_params(twin))

@@ -23,7 +23,7 @@ first numeric component, ``encoder.layer.3``); a group's first target in module 
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +35,14 @@ from unimerge.methods import MergedModel, MergeProblem, register_model_method
 from unimerge.modelmerge._moe import (
     MLP_TARGETS,
     autocast,
+    backward,
     count_params,
     cycle_batches,
     dense_copy,
     frozen_heads,
+    linear_at,
     match_linears,
+    record_method,
     replace_module,
     task_arithmetic_state,
     task_vectors,
@@ -124,19 +127,19 @@ class WEMoELinear(nn.Module):
         return cls(**cfg)
 
     def _weights(self, x: Tensor) -> Tensor:
-        if self.entry:
-            w = self.router(x)  # (b, *tokens, n)
+        if self.router is not None:  # the block's entry linear
+            w = cast(Tensor, self.router(x))  # (b, *tokens, n)
             if w.dim() > 2:
                 w = w.mean(dim=tuple(range(1, w.dim() - 1)))  # (b, n)
             self.route.weights = w
             return w
-        w = self.route.weights
-        if w is None or w.shape[0] != x.shape[0]:
+        shared = self.route.weights
+        if shared is None or shared.shape[0] != x.shape[0]:
             raise MergeError(
                 f"WEMoE block {self.group!r}: a non-entry linear ran before the block's router; the group's "
                 "first target in module order must be the first one called (check `targets`/`group`)."
             )
-        return w
+        return shared
 
     def forward(self, x: Tensor) -> Tensor:
         w = self._weights(x)  # (b, n)
@@ -144,21 +147,24 @@ class WEMoELinear(nn.Module):
         if self.batch_reduce:  # one weight for the whole batch (training, as the reference code)
             wm = w.mean(0).to(dtype)  # (n,)
             weight = self.weight.to(dtype) + torch.tensordot(wm, self.tau_weight.to(dtype), dims=1)
-            bias = None if self.bias is None else self.bias.to(dtype) + wm @ self.tau_bias.to(dtype)
+            bias = None
+            if self.bias is not None and self.tau_bias is not None:  # both present or both absent
+                bias = self.bias.to(dtype) + wm @ self.tau_bias.to(dtype)
             return F.linear(x, weight, bias)
         tau_t = self.tau_weight.to(dtype).transpose(1, 2).reshape(self.n, -1)  # (n, in * out)
         delta_t = (w.to(dtype) @ tau_t).view(-1, self.in_features, self.out_features)  # (b, in, out)
         xs = x.reshape(x.shape[0], -1, self.in_features)  # (b, m, in)
         out = F.linear(xs, self.weight.to(dtype)) + torch.bmm(xs, delta_t.to(xs.dtype))  # (b, m, out)
-        if self.bias is not None:
+        if self.bias is not None and self.tau_bias is not None:
             out = out + (self.bias.to(dtype) + w.to(dtype) @ self.tau_bias.to(dtype)).unsqueeze(1)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
 def _make_router(d: int, n: int, init_lambda: float) -> nn.Sequential:
-    router = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, n))
+    hidden, out = nn.Linear(d, d), nn.Linear(d, n)
+    router = nn.Sequential(hidden, nn.ReLU(), out)
     with torch.no_grad():
-        for layer, bias in ((router[0], 0.0), (router[2], init_lambda)):
+        for layer, bias in ((hidden, 0.0), (out, init_lambda)):
             layer.weight.normal_(0.0, 0.01)
             layer.bias.fill_(bias)
     return router
@@ -193,7 +199,7 @@ def _build(problem: MergeProblem, params: WEMoEParams) -> nn.Module:
     seen: set[str] = set()
     for name in match_linears(module, params.targets):
         group = _group_of(name, params.group)
-        linear = problem.base.get_submodule(name)
+        linear = linear_at(problem.base, name)
         layer = WEMoELinear(
             linear.in_features,
             linear.out_features,
@@ -207,7 +213,7 @@ def _build(problem: MergeProblem, params: WEMoEParams) -> nn.Module:
         with torch.no_grad():
             layer.weight.copy_(linear.weight)
             layer.tau_weight.copy_(torch.stack([tv[f"{name}.weight"] for tv in tvs]))
-            if layer.bias is not None:
+            if layer.bias is not None and layer.tau_bias is not None and linear.bias is not None:
                 layer.bias.copy_(linear.bias)
                 layer.tau_bias.copy_(torch.stack([tv[f"{name}.bias"] for tv in tvs]))
         replace_module(module, name, layer)
@@ -224,7 +230,10 @@ def entropy(logits: Tensor) -> Tensor:
 def train_routers(module: nn.Module, problem: MergeProblem, params: WEMoEParams) -> list[float]:
     """Test-time adaptation: Adam on the routers, minimising the heads' entropy. Returns the step losses."""
     routers = [
-        p for m in module.modules() if isinstance(m, WEMoELinear) and m.entry for p in m.router.parameters()
+        p
+        for m in module.modules()
+        if isinstance(m, WEMoELinear) and m.router is not None  # entry linears own the routers
+        for p in m.router.parameters()
     ]
     for p in routers:
         p.requires_grad_(True)
@@ -243,7 +252,7 @@ def train_routers(module: nn.Module, problem: MergeProblem, params: WEMoEParams)
         for task, stream in zip(problem.tasks, streams, strict=True):
             with autocast(problem.device, params.bf16):
                 loss = entropy(heads[task.name](problem.features(module, next(stream))))
-            loss.backward()  # accumulate over tasks (one graph in memory at a time)
+            backward(loss)  # accumulate over tasks (one graph in memory at a time)
             total += float(loss.detach())
         optim.step()
         optim.zero_grad(set_to_none=True)
@@ -270,7 +279,7 @@ def wemoe(problem: MergeProblem, params: WEMoEParams) -> MergedModel:
         torch.manual_seed(problem.seed)
         module = _build(problem, params).to(problem.device)
     losses = train_routers(module, problem, params)
-    module.unimerge_method = {"method": "wemoe", "params": params.model_dump(mode="json", by_alias=True)}
+    record_method(module, "wemoe", params.model_dump(mode="json", by_alias=True))
     used = min(problem.budget, params.steps * params.batch_size)
     details = {
         "entropy_first_last": [round(losses[0], 4), round(losses[-1], 4)] if losses else [],
@@ -289,6 +298,13 @@ def routing_summary(module: nn.Module, problem: MergeProblem, batch_size: int) -
     for task in problem.tasks:
         batch = next(cycle_batches(task, problem.budget, batch_size, problem.seed, problem.device))
         problem.features(module, batch)
-        mean = torch.stack([m.route.weights.float().mean(0) for m in entries]).mean(0)  # (n,)
+        mean = torch.stack([_routed(m).float().mean(0) for m in entries]).mean(0)  # (n,)
         out[task.name] = [round(float(v), 3) for v in mean]
     return out
+
+
+def _routed(entry: WEMoELinear) -> Tensor:
+    """The routing weights ``(b, n)`` the entry linear ``entry`` computed in the last forward pass."""
+    if entry.route.weights is None:
+        raise MergeError(f"WEMoE block {entry.group!r}: the features pass did not run its entry linear")
+    return entry.route.weights
