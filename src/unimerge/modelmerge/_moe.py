@@ -3,7 +3,8 @@
 - choosing the ``nn.Linear`` submodules a method upgrades (regular expressions on module names);
 - task vectors and task-arithmetic states from a :class:`MergeProblem`;
 - :class:`LowRankExperts`: ``n`` low-rank weight differences applied with per-input weights;
-- helpers for training loops (bf16 autocast, cycling unlabeled batches, frozen head copies) and
+- helpers for training loops (cycling unlabeled batches, frozen head copies; bf16 autocast is
+  :func:`unimerge.modelmerge.stats.autocast`) and
   counting stored parameters.
 
 Every module class a method puts into a model has a ``kind`` class attribute, ``config()`` (a JSON
@@ -13,7 +14,6 @@ shapes), so :mod:`unimerge.modelmerge.load` can rebuild a saved model.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,7 +30,6 @@ __all__ = [
     "METHOD_ATTR",
     "MLP_TARGETS",
     "LowRankExperts",
-    "autocast",
     "backward",
     "count_params",
     "cycle_batches",
@@ -221,12 +220,6 @@ def count_params(*modules: nn.Module) -> int:
             if t.is_floating_point():
                 seen[id(t)] = t.numel()
     return sum(seen.values())
-
-
-def autocast(device: torch.device | str, enabled: bool) -> contextlib.AbstractContextManager[None]:
-    """bf16 autocast on ``device`` when ``enabled`` (a no-op context otherwise)."""
-    kind = torch.device(device).type
-    return torch.autocast(kind, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 def to_device(batch: Batch, device: torch.device | str) -> Batch:

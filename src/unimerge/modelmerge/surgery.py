@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from unimerge.errors import MergeError
 from unimerge.methods import Batch, MergedModel, MergeProblem, register_model_method
 from unimerge.modelmerge._moe import (
-    autocast,
     backward,
     count_params,
     dense_copy,
@@ -36,6 +35,7 @@ from unimerge.modelmerge._moe import (
     task_vectors,
     to_device,
 )
+from unimerge.modelmerge.stats import autocast
 
 __all__ = ["SurgeryAdapter", "SurgeryModule", "SurgeryParams", "feature_distance", "surgery", "train_adapter"]
 

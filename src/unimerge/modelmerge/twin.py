@@ -29,7 +29,6 @@ from unimerge.methods import MergedModel, MergeProblem, register_model_method
 from unimerge.modelmerge._moe import (
     ALL_LINEARS,
     LowRankExperts,
-    autocast,
     backward,
     count_params,
     dense_copy,
@@ -41,6 +40,7 @@ from unimerge.modelmerge._moe import (
     task_vectors,
     to_device,
 )
+from unimerge.modelmerge.stats import autocast
 
 __all__ = ["Standardize", "TwinLinear", "TwinModel", "TwinParams", "pooled_output", "twin_merging"]
 

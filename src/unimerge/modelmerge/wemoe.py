@@ -34,7 +34,6 @@ from unimerge.errors import MergeError
 from unimerge.methods import MergedModel, MergeProblem, register_model_method
 from unimerge.modelmerge._moe import (
     MLP_TARGETS,
-    autocast,
     backward,
     count_params,
     cycle_batches,
@@ -47,6 +46,7 @@ from unimerge.modelmerge._moe import (
     task_arithmetic_state,
     task_vectors,
 )
+from unimerge.modelmerge.stats import autocast
 
 __all__ = ["WEMoELinear", "WEMoEParams", "entropy", "link_groups", "routing_summary", "wemoe"]
 
