@@ -174,7 +174,9 @@ def _stack(tensors: Sequence[Tensor], ref: Tensor, device: torch.device | str) -
     return x
 
 
-def _split_kwargs(info: MethodInfo, n: int, kwargs: Mapping[str, Any]) -> tuple[dict, list[dict]]:
+def _split_kwargs(
+    info: MethodInfo, n: int, kwargs: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     mkeys = _field_keys(info.model_params)
     global_raw: dict[str, Any] = {}
     per_model: list[dict[str, Any]] = [{} for _ in range(n)]

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from pydantic import BaseModel
@@ -27,6 +27,7 @@ __all__ = ["MergePlan", "Source", "TensorJob", "layer_index", "make_plan"]
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 _VOCAB_HINTS = ("embed_tokens", "lm_head", "word_embeddings", "wte", "embed_out", "output.weight")
+_Spec = TypeVar("_Spec", bound=ModelSpec)  # a model or a slice source
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -229,7 +230,7 @@ def make_plan(
     return plan
 
 
-def _merged_models(info: MethodInfo, specs: Sequence[ModelSpec], base_ref: str | None) -> list[ModelSpec]:
+def _merged_models(info: MethodInfo, specs: Sequence[_Spec], base_ref: str | None) -> list[_Spec]:
     """The models that are stacked as ``x``: the base is excluded when the method takes it separately."""
     keep = [s for s in specs if not (info.uses_base and s.model == base_ref)]
     if not keep:
@@ -260,7 +261,8 @@ def _model_jobs(
     for name, meta in metas[ref_idx].items():
         p, pm = resolve(name, _position(name, n_layers), specs)
         if name in partial:  # an integer buffer only some models store: the reference's copy
-            srcs, b = (Source(ref_idx, name),), None
+            srcs: tuple[Source, ...] = (Source(ref_idx, name),)
+            b = None
         else:
             srcs = tuple(Source(index[s.model], name) for s in specs)
             b = Source(base, name) if base is not None and info.uses_base else None

@@ -156,7 +156,13 @@ def read_jsonl(path: Path, where: str | None = None) -> tuple[tuple[Text, ...], 
                 labels.append(label)
     if not texts:
         raise ConfigError(f"{where} holds no examples; give at least one JSON line with a `text` field.")
-    return tuple(texts), None if labels[0] is None else tuple(int(y) for y in labels)  # type: ignore[misc]
+    return tuple(texts), _all_labels(labels)
+
+
+def _all_labels(labels: Sequence[int | None]) -> tuple[int, ...] | None:
+    """The labels when every line has one, else ``None`` (:func:`read_jsonl` checks: all or none)."""
+    known = tuple(y for y in labels if y is not None)
+    return known if len(known) == len(labels) else None
 
 
 def _task_names(data: DataSpec, specs: Sequence[Any], trained_on: Sequence[str | None]) -> list[str]:

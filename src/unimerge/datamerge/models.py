@@ -25,7 +25,7 @@ import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -180,8 +180,11 @@ def _auto(config_dir: Path, seqcls: bool) -> nn.Module:
 
     try:
         cfg = transformers.AutoConfig.from_pretrained(config_dir, trust_remote_code=False)
-        auto = transformers.AutoModelForSequenceClassification if seqcls else transformers.AutoModel
-        return auto.from_config(cfg, trust_remote_code=False)
+        if seqcls:
+            model = transformers.AutoModelForSequenceClassification.from_config(cfg, trust_remote_code=False)
+        else:
+            model = transformers.AutoModel.from_config(cfg, trust_remote_code=False)
+        return cast(nn.Module, model)
     except (ValueError, KeyError, OSError) as err:
         raise CheckpointError(
             f"transformers cannot build the model in {config_dir} from its config.json ({err}). Models "
@@ -201,9 +204,8 @@ def build_body(expert: ModelRef) -> Body:
     prefix = str(getattr(model, "base_model_prefix", "") or "")
     if expert.kind != "seqcls":
         return Body(_named(model), prefix)
-    body = model.base_model
-    head = getattr(model, "classifier", None)
-    if not isinstance(head, nn.Module) or body is model:
+    body, head = model.base_model, getattr(model, "classifier", None)
+    if not isinstance(body, nn.Module) or not isinstance(head, nn.Module) or body is model:
         raise PlanError(
             f"{expert.ref}: {type(model).__name__} has no `classifier` module to use as the task head."
         )
@@ -221,9 +223,11 @@ def build_body(expert: ModelRef) -> Body:
 
 def _named(module: nn.Module) -> nn.Module:
     """``module`` with ``config.architectures`` naming its own class (so its saved config rebuilds it)."""
-    if getattr(module, "config", None) is not None:
-        module.config = copy.deepcopy(module.config)
-        module.config.architectures = [type(module).__name__]
+    config = getattr(module, "config", None)
+    if config is not None:
+        config = copy.deepcopy(config)
+        config.architectures = [type(module).__name__]
+        module.config = config
     return module
 
 
@@ -270,21 +274,31 @@ def read_state(model: ModelRef, mapping: Mapping[str, str | None]) -> dict[str, 
 def load_head(expert: ModelRef, body: Body) -> nn.Module | None:
     """The expert's task head (eval mode, no gradients), or ``None`` for plain folders."""
     if expert.kind == "bench":
-        assert expert.head_file is not None
-        state = load_file(str(expert.head_file))
-        k, d = state["weight"].shape
-        head = nn.Linear(d, k)
-        head.load_state_dict({"weight": state["weight"].float(), "bias": state["bias"].float()})
-        return head.eval().requires_grad_(False)
+        return _bench_head(expert)
     if expert.kind == "plain" or body.shell is None:
         return None
-    head = copy.deepcopy(body.shell.classifier)
+    return _classifier_head(expert, body.shell)
+
+
+def _bench_head(expert: ModelRef) -> nn.Module:
+    """The linear head a bench expert keeps in ``head_file`` (``weight`` ``(k, d)``, ``bias`` ``(k,)``)."""
+    assert expert.head_file is not None
+    state = load_file(str(expert.head_file))
+    k, d = state["weight"].shape
+    head = nn.Linear(d, k)
+    head.load_state_dict({"weight": state["weight"].float(), "bias": state["bias"].float()})
+    return head.eval().requires_grad_(False)
+
+
+def _classifier_head(expert: ModelRef, shell: nn.Module) -> nn.Module:
+    """A copy of ``shell``'s ``classifier`` holding the expert's ``classifier.*`` tensors."""
+    head = copy.deepcopy(shell.get_submodule("classifier"))
     names = expert.checkpoint.tensors()
     state = {}
     for k in head.state_dict():
         name = f"classifier.{k}"
         if name not in names:
-            raise PlanError(f"{expert.ref} has no tensor {name!r}; is it a {type(body.shell).__name__}?")
+            raise PlanError(f"{expert.ref} has no tensor {name!r}; is it a {type(shell).__name__}?")
         state[k] = expert.checkpoint.read(name)
     head.load_state_dict(state)
     return head.eval().requires_grad_(False)
@@ -299,7 +313,7 @@ def head_classes(head: nn.Module) -> int:
 def mean_pool(module: nn.Module, batch: Batch) -> Tensor:
     """Attention-masked mean of the last hidden states: ``(b, hidden)``."""
     out = module(**{k: v for k, v in batch.items() if k != "labels"})
-    h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (b, t, hidden)
+    h: Tensor = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (b, t, hidden)
     mask = batch.get("attention_mask")
     if mask is None:
         return h.mean(1)
@@ -329,11 +343,11 @@ class ClassifierInput:
     def __call__(self, module: nn.Module, batch: Batch) -> Tensor:
         grabbed: list[Tensor] = []
 
-        def grab(mod: nn.Module, args: tuple) -> None:
+        def grab(mod: nn.Module, args: tuple[Tensor, ...]) -> None:
             grabbed.append(args[0])
             raise _Grabbed
 
-        handle = self.shell.classifier.register_forward_pre_hook(grab)
+        handle = self.shell.get_submodule("classifier").register_forward_pre_hook(grab)
         try:
             with self._body(module), contextlib.suppress(_Grabbed):
                 self.shell(**{k: v for k, v in batch.items() if k != "labels"})

@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 from unimerge.datamerge.data import TaskPlan, TextTask
-from unimerge.datamerge.models import Features, ModelRef
+from unimerge.datamerge.models import Batch, Features, ModelRef
 from unimerge.errors import CheckpointError, MergeError
 from unimerge.io import read_safetensors_header
 from unimerge.io.cache import sha256_file
@@ -124,7 +124,9 @@ def _reporting(
             report(what, i + 1, len(batches))
 
 
-def _batches(job: StatsJob, labeled: bool, budget: int, batch_size: int, seed: int, device: Any) -> list:
+def _batches(
+    job: StatsJob, labeled: bool, budget: int, batch_size: int, seed: int, device: Any
+) -> list[Batch]:
     draw = job.task.labeled if labeled else job.task.unlabeled
     return [{k: v.to(device) for k, v in b.items()} for b in draw(budget, batch_size, seed)]
 

@@ -112,8 +112,9 @@ def merge_one(
 ) -> Tensor:
     """One tensor merged from the experts' values ``xs`` and their statistics (``None``: none)."""
     experts = [{key: x} for x in xs]
-    use = bool(varying_names(experts)) and all(s is not None for s in stats)
-    per = [{key: s} if use else {} for s in stats]
+    given = [s for s in stats if s is not None]
+    use = bool(varying_names(experts)) and len(given) == len(stats)
+    per: list[dict[str, Tensor]] = [{key: s} for s in given] if use else [{} for _ in stats]
     if method == "regmean":
         return regmean_state_dict(experts, per, getattr(params, "alpha", 1.0))[key]
     return fisher_state_dict(experts, per, list(weights), getattr(params, "eps", 1e-6))[key]

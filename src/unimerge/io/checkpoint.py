@@ -263,7 +263,7 @@ class SafetensorsCheckpoint(Checkpoint):
             out.copy_(self.read(name))
 
     def _pread(self, meta: TensorMeta, out: torch.Tensor) -> None:
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if meta.nbytes else memoryview(b"")
+        view = out.reshape(-1).view(torch.uint8).numpy().data if meta.nbytes else memoryview(b"")
         fd, pos, done = self._fd(meta.file), meta.offset, 0
         try:
             while done < meta.nbytes:

@@ -277,9 +277,9 @@ class ShardedWriter:
                 folder is then removed).
         """
         slot = self._check_tensor(name, tensor)
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()  # (nbytes,)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data  # (nbytes,)
         with self._io(f"write {name!r}", self._tmp / self._names[slot.shard]):
-            self._pwrite_all(self._fds[slot.shard], memoryview(data), slot.offset)
+            self._pwrite_all(self._fds[slot.shard], data, slot.offset)
 
     def _target(self, relpath: str) -> Path:
         rel = _check_relpath(relpath)

@@ -82,7 +82,14 @@ def emr_rescalers(pairs: Iterable[tuple[Tensor, Tensor, Tensor]], n_tasks: int) 
     paper="https://arxiv.org/abs/2405.17461",
     grid={"lambda": (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)},
 )
-def emr(x: Tensor, params: EmrParams, per_model: Mapping[str, Tensor], *, base, generator) -> Tensor:
+def emr(
+    x: Tensor,
+    params: EmrParams,
+    per_model: Mapping[str, Tensor],
+    *,
+    base: Tensor | None,
+    generator: torch.Generator | None,
+) -> Tensor:
     """EMR-Merging's unified task vector (no task modulators): ``lambda * tau_uni`` of ``w_i * tau_i``.
 
     For a task-specific model use :func:`unimerge.taskmodels.compute_task_masks` with ``method="emr"``.

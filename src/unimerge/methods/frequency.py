@@ -99,7 +99,8 @@ def high_pass_mask(rows: int, cols: int, d0: float, device: torch.device | str =
     Entry ``(a, b)`` is frequency ``(eta, gamma)`` with ``eta`` the signed index of row ``a``
     (``0, 1, ..., -1``) and ``gamma = b``; it is kept iff ``eta^2 + gamma^2 >= d0^2``.
     """
-    eta = torch.fft.fftfreq(rows, d=1.0 / rows, device=device, dtype=torch.float64)  # (rows,) signed ints
+    # (rows,) signed ints
+    eta: Tensor = torch.fft.fftfreq(rows, d=1.0 / rows, device=device, dtype=torch.float64)
     gamma = torch.arange(cols // 2 + 1, device=device, dtype=torch.float64)  # (cols // 2 + 1,)
     return eta[:, None] ** 2 + gamma[None, :] ** 2 >= d0 * d0
 
@@ -113,9 +114,10 @@ def high_pass(v: Tensor, cutoff: float) -> Tensor:
         return v
     m = _as_matrix(v)  # (rows, cols)
     rows, cols = m.shape
-    spec = torch.fft.rfft2(m)  # (rows, cols // 2 + 1) complex
+    spec: Tensor = torch.fft.rfft2(m)  # (rows, cols // 2 + 1) complex
     spec.mul_(high_pass_mask(rows, cols, cutoff * min(rows, cols), device=m.device))
-    return torch.fft.irfft2(spec, s=(rows, cols)).to(v.dtype).reshape(v.shape)
+    filtered: Tensor = torch.fft.irfft2(spec, s=(rows, cols))  # (rows, cols)
+    return filtered.to(v.dtype).reshape(v.shape)
 
 
 def _mean_abs(x: Tensor) -> Tensor:
@@ -141,7 +143,14 @@ def fr_coefficients(x: Tensor) -> Tensor:
     paper="https://arxiv.org/abs/2411.16815",
     grid={"cutoff": (0.05, 0.1, 0.2), "lambda": (1.0, 2.0, 3.0, 4.0)},
 )
-def fr_merging(x: Tensor, params: FrParams, per_model: Mapping[str, Tensor], *, base, generator) -> Tensor:
+def fr_merging(
+    x: Tensor,
+    params: FrParams,
+    per_model: Mapping[str, Tensor],
+    *,
+    base: Tensor | None,
+    generator: torch.Generator | None,
+) -> Tensor:
     """FR-Merging: high-pass filter each task vector in the 2-D Fourier domain, then a weighted sum.
 
     ``merged = lambda * sum_i w_i * lambda_i * highpass(tau_i)``, ``lambda_i = E|tau_i| / sum_j E|tau_j|``.

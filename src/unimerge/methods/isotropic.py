@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from unimerge.methods.registry import register_method
-from unimerge.methods.subspace import is_matrix_stack, polar_factor, weighted
+from unimerge.methods.subspace import is_matrix_stack, polar_factor, thin_svd, weighted
 
 __all__ = ["IsoCParams", "IsoCtsParams", "iso_c", "iso_cts", "iso_cts_split"]
 
@@ -56,12 +56,19 @@ class IsoCtsParams(BaseModel):
     paper="https://arxiv.org/abs/2502.04959",
     grid={"alpha": _ALPHA_GRID},
 )
-def iso_c(x: Tensor, params: IsoCParams, per_model: Mapping[str, Tensor], *, base, generator) -> Tensor:
+def iso_c(
+    x: Tensor,
+    params: IsoCParams,
+    per_model: Mapping[str, Tensor],
+    *,
+    base: Tensor | None,
+    generator: torch.Generator | None,
+) -> Tensor:
     """Iso-C: task-arithmetic sum with its singular values flattened to their mean."""
     x = weighted(x, per_model)  # (n, *shape)
     if not is_matrix_stack(x):
         return params.alpha * x.mean(dim=0)
-    u, s, vh = torch.linalg.svd(x.sum(dim=0), full_matrices=False)  # (m, q), (q,), (q, k)
+    u, s, vh = thin_svd(x.sum(dim=0))  # (m, q), (q,), (q, k)
     return (params.alpha * s.mean()) * (u @ vh)
 
 
@@ -88,17 +95,24 @@ def iso_cts_split(q: int, n_tasks: int, common_space_fraction: float) -> tuple[i
     paper="https://arxiv.org/abs/2502.04959",
     grid={"alpha": _ALPHA_GRID},
 )
-def iso_cts(x: Tensor, params: IsoCtsParams, per_model: Mapping[str, Tensor], *, base, generator) -> Tensor:
+def iso_cts(
+    x: Tensor,
+    params: IsoCtsParams,
+    per_model: Mapping[str, Tensor],
+    *,
+    base: Tensor | None,
+    generator: torch.Generator | None,
+) -> Tensor:
     """Iso-CTS: common + task-specific subspaces, orthogonalised, isotropic spectrum."""
     x = weighted(x, per_model)  # (n, *shape)
     if not is_matrix_stack(x):
         return params.alpha * x.mean(dim=0)
     n, m, k = x.shape
     common, per_task = iso_cts_split(min(m, k), n, params.common_space_fraction)
-    u, s, vh = torch.linalg.svd(x.sum(dim=0), full_matrices=False)  # (m, q), (q,), (q, k)
+    u, s, vh = thin_svd(x.sum(dim=0))  # (m, q), (q,), (q, k)
     u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common]  # common subspace
     residual = x - u_c @ (u_c.mT @ x)  # (n, m, k): each task with the common left subspace removed
-    u_t, s_t, vh_t = torch.linalg.svd(residual, full_matrices=False)  # (n, m, q), (n, q), (n, q, k)
+    u_t, s_t, vh_t = thin_svd(residual)  # (n, m, q), (n, q), (n, q, k)
     u_t, s_t, vh_t = u_t[..., :per_task], s_t[:, :per_task], vh_t[:, :per_task]
     u_all = torch.cat([u_t.permute(1, 0, 2).reshape(m, n * per_task), u_c], dim=1)  # (m, n p + c)
     vh_all = torch.cat([vh_t.reshape(n * per_task, k), vh_c], dim=0)  # (n p + c, k)

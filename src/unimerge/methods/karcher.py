@@ -101,7 +101,7 @@ def karcher(
         raise ConfigError("Method 'karcher': the model weights sum to 0 and cannot be normalised.")
     alphas = w / w.sum()
     flat = x.reshape(n, -1)  # (n, D)
-    norms = flat.norm(dim=-1)  # (n,)
+    norms: Tensor = flat.norm(dim=-1)  # (n,)
     valid = norms > params.tol
     if not bool(valid.any()):
         return torch.zeros_like(x[0])

@@ -128,7 +128,14 @@ def pcb_scores(x: Tensor, ratio: float, clamp_ratio: float = 0.0001) -> tuple[Te
     paper="https://arxiv.org/abs/2410.02396",
     grid={"ratio": (0.05, 0.1, 0.2), "lambda": (1.0, 1.2)},
 )
-def pcb(x: Tensor, params: PcbParams, per_model: Mapping[str, Tensor], *, base, generator) -> Tensor:
+def pcb(
+    x: Tensor,
+    params: PcbParams,
+    per_model: Mapping[str, Tensor],
+    *,
+    base: Tensor | None,
+    generator: torch.Generator | None,
+) -> Tensor:
     """PCB-Merging: balance parameter competition within and across tasks, drop, rescale, merge.
 
     ``merged = lambda * sum_i(w_i * tau_i * s_i) / sum_i(s_i)`` with PCB scores ``s_i`` (see
@@ -189,7 +196,12 @@ class ConsensusTiesParams(ConsensusParams):
     grid={"lambda": (0.1, 0.2, 0.3, 0.5, 1.0), "tall_lambda": (0.4, 0.6)},
 )
 def consensus_ta(
-    x: Tensor, params: ConsensusParams, per_model: Mapping[str, Tensor], *, base, generator
+    x: Tensor,
+    params: ConsensusParams,
+    per_model: Mapping[str, Tensor],
+    *,
+    base: Tensor | None,
+    generator: torch.Generator | None,
 ) -> Tensor:
     """Consensus Task Arithmetic: task arithmetic restricted to entries at least ``k`` TALL masks use.
 
@@ -210,7 +222,12 @@ def consensus_ta(
     grid={"lambda": (0.5, 0.7, 1.0), "tall_lambda": (0.4, 0.6)},
 )
 def consensus_ties(
-    x: Tensor, params: ConsensusTiesParams, per_model: Mapping[str, Tensor], *, base, generator
+    x: Tensor,
+    params: ConsensusTiesParams,
+    per_model: Mapping[str, Tensor],
+    *,
+    base: Tensor | None,
+    generator: torch.Generator | None,
 ) -> Tensor:
     """Consensus TIES: the TIES multi-task vector (disjoint *sum*, as the reference) masked by consensus."""
     density = torch.full((x.shape[0],), params.density)
@@ -238,7 +255,14 @@ class ScaleParams(BaseModel):
     paper="https://arxiv.org/abs/2407.06322",
     grid={"lambda": (0.5, 0.7, 1.0)},
 )
-def magmax(x: Tensor, params: ScaleParams, per_model: Mapping[str, Tensor], *, base, generator) -> Tensor:
+def magmax(
+    x: Tensor,
+    params: ScaleParams,
+    per_model: Mapping[str, Tensor],
+    *,
+    base: Tensor | None,
+    generator: torch.Generator | None,
+) -> Tensor:
     """MagMax: per entry, the (weighted) task-vector value of largest magnitude, times ``lambda``.
 
     On equal magnitudes the later model wins, as in the reference ``merge_max_abs`` (``>=``).
@@ -271,7 +295,12 @@ class LocalizeStitchParams(BaseModel):
     grid={"sparsity": (0.01, 0.05, 0.1, 0.2)},
 )
 def localize_stitch(
-    x: Tensor, params: LocalizeStitchParams, per_model: Mapping[str, Tensor], *, base, generator
+    x: Tensor,
+    params: LocalizeStitchParams,
+    per_model: Mapping[str, Tensor],
+    *,
+    base: Tensor | None,
+    generator: torch.Generator | None,
 ) -> Tensor:
     """Dataless Localize-and-Stitch: keep each task's top-``sparsity`` entries by magnitude, stitch.
 

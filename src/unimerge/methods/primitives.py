@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -176,7 +176,7 @@ def rescale_to_norm(masked: Tensor, original: Tensor, norm: RescaleNorm, density
 
 
 def _norm(t: Tensor, norm: RescaleNorm) -> Tensor:
-    return torch.linalg.vector_norm(t, ord={"l1": 1.0, "l2": 2.0, "linf": math.inf}[norm])
+    return cast(Tensor, torch.linalg.vector_norm(t, ord={"l1": 1.0, "l2": 2.0, "linf": math.inf}[norm]))
 
 
 def _rescale(masked: Tensor, before: Tensor | None, norm: RescaleNorm, density: float) -> Tensor:

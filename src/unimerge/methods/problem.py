@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -63,7 +63,7 @@ class MergeProblem:
 
     def logits(self, module: nn.Module, task: int, batch: Batch) -> Tensor:
         """Task ``task``'s logits of ``module`` on ``batch`` (features then that task's head)."""
-        return self.heads[self.tasks[task].name](self.features(module, batch))
+        return cast(Tensor, self.heads[self.tasks[task].name](self.features(module, batch)))
 
 
 @dataclass

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,6 +46,7 @@ __all__ = [
     "polar_factor",
     "star",
     "star_truncate",
+    "thin_svd",
     "tsv_compress",
     "tsv_m",
     "tsv_reconstruct",
@@ -64,6 +66,14 @@ def is_matrix_stack(x: Tensor) -> bool:
     return x.dim() == 3
 
 
+def thin_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Reduced SVD ``a = U diag(S) Vh`` of the last two dims: ``(*, m, k) -> (*, m, q), (*, q), (*, q, k)``.
+
+    ``q = min(m, k)``; this is ``torch.linalg.svd(a, full_matrices=False)``, typed.
+    """
+    return cast("tuple[Tensor, Tensor, Tensor]", torch.linalg.svd(a, full_matrices=False))
+
+
 def polar_factor(a: Tensor) -> Tensor:
     """The orthogonal polar factor ``P Q^T`` of ``a = P diag(s) Q^T`` (``(m, k) -> (m, k)``).
 
@@ -73,7 +83,7 @@ def polar_factor(a: Tensor) -> Tensor:
     singular vector, e.g. identical experts) has a well-defined factor instead of arbitrary
     null-space directions; for full-rank ``a`` this is exactly ``P Q^T``.
     """
-    p, s, qh = torch.linalg.svd(a, full_matrices=False)  # (m, r), (r,), (r, k)
+    p, s, qh = thin_svd(a)  # (m, r), (r,), (r, k)
     if s.numel() == 0:
         return torch.zeros_like(a)
     tol = s.max() * max(a.shape) * torch.finfo(a.dtype).eps
@@ -103,7 +113,7 @@ def _tsv_low_rank(x: Tensor, rank_fraction: float | None) -> tuple[Tensor, Tenso
     """Top singular triplets of each task matrix: ``(n, m, k) -> (n, m, r), (n, r), (n, r, k)``."""
     frac = 1.0 / x.shape[0] if rank_fraction is None else rank_fraction
     r = _rank(x.shape, frac)
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)  # (n, m, q), (n, q), (n, q, k)
+    u, s, vh = thin_svd(x)  # (n, m, q), (n, q), (n, q, k)
     return u[..., :r], s[..., :r], vh[..., :r, :]
 
 
@@ -115,7 +125,14 @@ def _tsv_low_rank(x: Tensor, rank_fraction: float | None) -> tuple[Tensor, Tenso
     paper="https://arxiv.org/abs/2412.00081",
     grid={"alpha": (0.6, 0.8, 1.0, 1.2, 1.5)},
 )
-def tsv_m(x: Tensor, params: TsvParams, per_model: Mapping[str, Tensor], *, base, generator) -> Tensor:
+def tsv_m(
+    x: Tensor,
+    params: TsvParams,
+    per_model: Mapping[str, Tensor],
+    *,
+    base: Tensor | None,
+    generator: torch.Generator | None,
+) -> Tensor:
     """TSV-M: per-task top-1/T singular vectors, orthogonalised across tasks, scaled by ``alpha``."""
     x = weighted(x, per_model)  # (n, *shape)
     if not is_matrix_stack(x):
@@ -219,14 +236,21 @@ class CartParams(BaseModel):
     paper="https://arxiv.org/abs/2412.12153",
     grid={"rank_fraction": (0.08, 0.12, 0.16), "lambda": (1.0, 2.0, 4.0, 6.0, 8.0, 10.0)},
 )
-def cart(x: Tensor, params: CartParams, per_model: Mapping[str, Tensor], *, base, generator) -> Tensor:
+def cart(
+    x: Tensor,
+    params: CartParams,
+    per_model: Mapping[str, Tensor],
+    *,
+    base: Tensor | None,
+    generator: torch.Generator | None,
+) -> Tensor:
     """CART: mean task vector + lambda * sum of low-rank centred task vectors."""
     x = weighted(x, per_model)  # (n, *shape)
     mean = x.mean(dim=0)  # (*shape)
     if not is_matrix_stack(x):
         return mean  # the centred residuals sum to zero: the average, as in the reference
     r = _rank(x.shape, params.rank_fraction)
-    u, s, vh = torch.linalg.svd(x - mean, full_matrices=False)  # (n, m, q), (n, q), (n, q, k)
+    u, s, vh = thin_svd(x - mean)  # (n, m, q), (n, q), (n, q, k)
     low_rank = (u[..., :r] * s[:, None, :r]) @ vh[..., :r, :]  # (n, m, k)
     return mean + params.lambda_ * low_rank.sum(dim=0)
 
@@ -248,7 +272,7 @@ def star_truncate(x: Tensor, eta: float) -> Tensor:
     norm, then multiplies them by ``nuclear / kept`` so the nuclear norm is unchanged. A zero matrix
     stays zero.
     """
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)  # (n, m, q), (n, q), (n, q, k)
+    u, s, vh = thin_svd(x)  # (n, m, q), (n, q), (n, q, k)
     total = s.sum(dim=-1, keepdim=True)  # (n, 1)
     rank = torch.searchsorted(s.cumsum(dim=-1).contiguous(), (total * eta).contiguous()) + 1  # (n, 1)
     keep = torch.arange(s.shape[-1], device=s.device) < rank  # (n, q)
@@ -266,7 +290,14 @@ def star_truncate(x: Tensor, eta: float) -> Tensor:
     paper="https://arxiv.org/abs/2502.10339",
     grid={"eta": (0.2, 0.4, 0.6, 0.8)},
 )
-def star(x: Tensor, params: StarParams, per_model: Mapping[str, Tensor], *, base, generator) -> Tensor:
+def star(
+    x: Tensor,
+    params: StarParams,
+    per_model: Mapping[str, Tensor],
+    *,
+    base: Tensor | None,
+    generator: torch.Generator | None,
+) -> Tensor:
     """STAR: truncate each task matrix to eta of its nuclear norm, rescale, average."""
     x = weighted(x, per_model)  # (n, *shape)
     if not is_matrix_stack(x):

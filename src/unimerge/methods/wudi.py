@@ -116,7 +116,14 @@ def wudi_optimise(
     paper="https://arxiv.org/abs/2503.08099",
     grid={"lr": (1e-5, 3e-5, 1e-4)},
 )
-def wudi(x: Tensor, params: WudiParams, per_model: Mapping[str, Tensor], *, base, generator) -> Tensor:
+def wudi(
+    x: Tensor,
+    params: WudiParams,
+    per_model: Mapping[str, Tensor],
+    *,
+    base: Tensor | None,
+    generator: torch.Generator | None,
+) -> Tensor:
     """WUDI-Merging: per matrix, Adam on the task-vector-guided interference loss from the sum."""
     x = weighted(x, per_model)  # (n, *shape)
     if not is_matrix_stack(x):

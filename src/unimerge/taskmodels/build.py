@@ -85,7 +85,7 @@ def check_kind(kind: str) -> TaskModelKind:
     """``kind`` as a :data:`TaskModelKind`; anything else raises :class:`ConfigError`."""
     if kind not in TASK_MODEL_KINDS:
         raise ConfigError(f"Unknown task-model kind {kind!r}; use one of {list(TASK_MODEL_KINDS)}.")
-    return cast(TaskModelKind, kind)
+    return kind
 
 
 def task_names(refs: list[str]) -> list[str]:
@@ -104,7 +104,7 @@ def _plain(value: object) -> bool:
 
 
 def fr_settings(
-    cfg: MergeConfig, refs: list[str], path: str | os.PathLike
+    cfg: MergeConfig, refs: list[str], path: str | os.PathLike[str]
 ) -> tuple[float, float, list[float]]:
     """FR-Merging's ``cutoff``, ``lambda`` and per-model weights (in ``refs`` order) from a config."""
     if cfg.merge_method != "fr_merging":
@@ -127,8 +127,8 @@ def fr_settings(
 
 
 def build_task_models(
-    config_path: str | os.PathLike,
-    output: str | os.PathLike,
+    config_path: str | os.PathLike[str],
+    output: str | os.PathLike[str],
     kind: str = "emr",
     *,
     tall_lambda: float = 0.4,
@@ -178,7 +178,7 @@ def build_task_models(
     return BuiltTaskModels(Path(output), checked, tuple(names), size)
 
 
-def open_task(path: str | os.PathLike, task: str | int) -> TaskView:
+def open_task(path: str | os.PathLike[str], task: str | int) -> TaskView:
     """Task ``task`` (a name, an index, or an index written as digits) of a mask or expert file."""
     tf = open_task_file(path)
     if isinstance(task, str) and task not in tf.tasks and task.isdigit():
@@ -188,9 +188,9 @@ def open_task(path: str | os.PathLike, task: str | int) -> TaskView:
 
 
 def rebuild_task(
-    file: str | os.PathLike,
-    base_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
+    file: str | os.PathLike[str],
+    base_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
     task: str | int,
     *,
     force: bool = False,

@@ -185,7 +185,7 @@ def compute_task_experts(
 
 
 def save_task_experts(
-    path: str | os.PathLike, te: TaskExperts, *, vector_dtype: torch.dtype | None = None
+    path: str | os.PathLike[str], te: TaskExperts, *, vector_dtype: torch.dtype | None = None
 ) -> int:
     """Write ``te`` to a task expert file (all at once, deterministic bytes); returns its size in bytes.
 
@@ -205,7 +205,7 @@ def save_task_experts(
     return write_task_file(path, tensors, meta)
 
 
-def load_task_experts(path: str | os.PathLike) -> TaskExperts:
+def load_task_experts(path: str | os.PathLike[str]) -> TaskExperts:
     """Read a whole task expert file (all tasks) back into a :class:`TaskExperts`."""
     tf = open_task_file(path, "experts")
     vector = {key: tf.vector(key) for key in tf.shapes}
@@ -215,7 +215,7 @@ def load_task_experts(path: str | os.PathLike) -> TaskExperts:
 
 def load_expert_model(
     state: Mapping[str, Tensor],
-    experts_file: str | os.PathLike,
+    experts_file: str | os.PathLike[str],
     task: str | int,
     *,
     state_is: StateKind = "base",

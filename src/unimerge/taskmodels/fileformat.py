@@ -29,7 +29,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -155,7 +155,7 @@ def _header(tensors: Mapping[str, Tensor], names: Sequence[str], metadata: Mappi
 
 
 def write_task_file(
-    path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]
+    path: str | os.PathLike[str], tensors: Mapping[str, Tensor], metadata: Mapping[str, str]
 ) -> int:
     """Write ``tensors`` (sorted by name) and ``metadata`` as one safetensors file, all at once.
 
@@ -189,15 +189,28 @@ def _metadata(path: Path) -> dict[str, str] | None:
         return None
 
 
-def file_kind(path: str | os.PathLike) -> TaskKind | None:
+def file_kind(path: str | os.PathLike[str]) -> TaskKind | None:
     """Which kind of task-model file ``path`` is (``"masks"``, ``"experts"``), or None for anything else."""
     meta = _metadata(Path(path)) if Path(path).is_file() else None
     return None if meta is None else _kind_of(meta)
 
 
-def is_task_experts_file(path: str | os.PathLike) -> bool:
+def is_task_experts_file(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a task expert file (FREE-Merging, written by ``save_task_experts``)."""
     return file_kind(path) == "experts"
+
+
+class _Slice(Protocol):
+    def get_shape(self) -> list[int]: ...
+
+
+class _SafeHandle(Protocol):
+    """The part of a ``safetensors.safe_open(..., framework="pt")`` handle used here, typed."""
+
+    def metadata(self) -> dict[str, str] | None: ...
+    def keys(self) -> list[str]: ...
+    def get_slice(self, name: str) -> _Slice: ...
+    def get_tensor(self, name: str) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -219,7 +232,7 @@ class TaskFile:
     tasks: tuple[str, ...]
     metadata: dict[str, str]
     shapes: dict[str, torch.Size]
-    handle: Any = field(repr=False, compare=False)
+    handle: _SafeHandle = field(repr=False, compare=False)
 
     def index(self, task: str | int) -> int:
         """Position of ``task`` (a name or an index); unknown tasks raise :class:`ConfigError`."""
@@ -312,7 +325,7 @@ def _check_entries(
         )
 
 
-def open_task_file(path: str | os.PathLike, kind: TaskKind | None = None) -> TaskFile:
+def open_task_file(path: str | os.PathLike[str], kind: TaskKind | None = None) -> TaskFile:
     """Open a task-model file and check it from its header (no tensor data read).
 
     Args:
@@ -328,7 +341,7 @@ def open_task_file(path: str | os.PathLike, kind: TaskKind | None = None) -> Tas
             f"{_WHAT[kind].capitalize()} {str(p)!r} does not exist; create it with {_MAKE[kind]}."
         )
     try:
-        handle = safe_open(str(p), framework="pt")
+        handle: _SafeHandle = safe_open(str(p), framework="pt")
     except Exception as err:  # safetensors raises several types for corrupt headers
         raise _not_a(p, kind, f"it is not a readable safetensors file ({err})") from None
     meta = dict(handle.metadata() or {})

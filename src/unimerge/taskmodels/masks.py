@@ -185,7 +185,7 @@ def compute_task_masks(
 
 
 def save_task_masks(
-    path: str | os.PathLike, masks: TaskMasks, *, vector_dtype: torch.dtype | None = None
+    path: str | os.PathLike[str], masks: TaskMasks, *, vector_dtype: torch.dtype | None = None
 ) -> int:
     """Write ``masks`` to a task mask file (all at once, deterministic bytes); returns its size in bytes.
 
@@ -202,7 +202,7 @@ def save_task_masks(
     return write_task_file(path, tensors, task_metadata("masks", masks.method, masks.tasks))
 
 
-def load_task_masks(path: str | os.PathLike) -> TaskMasks:
+def load_task_masks(path: str | os.PathLike[str]) -> TaskMasks:
     """Read a whole task mask file (all tasks) back into a :class:`TaskMasks`."""
     tf = open_task_file(path, "masks")
     vector = {key: tf.vector(key) for key in tf.shapes}
@@ -212,7 +212,7 @@ def load_task_masks(path: str | os.PathLike) -> TaskMasks:
 
 def load_task_model(
     state: Mapping[str, Tensor],
-    masks_file: str | os.PathLike,
+    masks_file: str | os.PathLike[str],
     task: str | int,
     *,
     state_is: StateKind = "base",
