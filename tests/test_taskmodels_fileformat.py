@@ -89,10 +89,10 @@ def test_file_has_normal_permissions_and_is_all_or_nothing(tmp_path, monkeypatch
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
     before = path.read_bytes()
 
-    def boom(tensor):
+    def boom(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr("unimerge.taskmodels.fileformat._tensor_bytes", boom)
+    monkeypatch.setattr("unimerge.io.writer.os.fsync", boom)  # fails after the data, before the rename
     with pytest.raises(OSError, match="disk full"):
         save_task_masks(path, compute_task_masks(experts, base, method="tall"))
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from unimerge.errors import MergeError
-from unimerge.io.atomic import exists_error, fsync_path, swap_into_place, temp_dir_beside
+from unimerge.io.atomic import atomic_file, exists_error, fsync_path, swap_into_place, temp_dir_beside
 from unimerge.io.checkpoint import SAFETENSORS_DTYPES
 
 __all__ = [
@@ -39,7 +39,9 @@ __all__ = [
     "copy_model_files",
     "format_size",
     "parse_size",
+    "safetensors_header",
     "write_model_files",
+    "write_safetensors",
 ]
 
 _DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
@@ -97,9 +99,10 @@ def _plan_shards(tensors: Sequence[OutTensor], max_bytes: int) -> list[list[OutT
     return shards
 
 
-def _header(tensors: list[OutTensor], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
-    """Encoded header (length prefix + JSON padded to 8 bytes) and each tensor's data offset within it."""
-    entries: dict[str, object] = {"__metadata__": metadata}
+def safetensors_header(tensors: Sequence[OutTensor], metadata: Mapping[str, str]) -> tuple[bytes, list[int]]:
+    """Encoded header (length prefix + JSON padded to 8 bytes) and each tensor's data offset within it,
+    for ``tensors`` laid out in that order."""
+    entries: dict[str, object] = {"__metadata__": dict(metadata)}
     starts, pos = [], 0
     for t in tensors:
         entries[t.name] = {
@@ -195,7 +198,7 @@ class ShardedWriter:
             raise MergeError("Safetensors metadata must map strings to strings.")
 
     def _open_shard(self, index: int, shard: list[OutTensor], metadata: dict[str, str]) -> None:
-        header, starts = _header(shard, metadata)
+        header, starts = safetensors_header(shard, metadata)
         fd = os.open(self._tmp / self._names[index], os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         self._fds.append(fd)
         self._pwrite_all(fd, memoryview(header), 0)
@@ -373,6 +376,32 @@ class ShardedWriter:
             self.abort()
         elif self._state == "open":
             self.commit()
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> int:
+    """Write ``tensors`` as one safetensors file, all at once; returns its size in bytes.
+
+    Tensors are laid out sorted by name and the metadata keys sorted, so the bytes depend only on the
+    content (safetensors' own ``save_file`` orders its header differently from run to run).
+
+    Raises:
+        MergeError: a dtype safetensors cannot store.
+    """
+    names = sorted(tensors)
+    specs = []
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in _DTYPE_CODES:
+            raise MergeError(f"Tensor {name!r} has dtype {t.dtype}, which safetensors cannot store.")
+        specs.append(OutTensor(name, tuple(t.shape), t.dtype))
+    header, _ = safetensors_header(specs, dict(sorted(metadata.items())))
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(header)
+        for name in names:
+            f.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
+    return path.stat().st_size
 
 
 def copy_model_files(src_root: Path, writer: ShardedWriter, names: Sequence[str] = MODEL_FILES) -> list[str]:

@@ -13,7 +13,7 @@ Two kinds share the layout and the metadata (``format``, ``version``, ``method``
         value::{i}::{tensor}    task i's expert values, (k,), float32
 
 ``tasks`` is a JSON list of task names, in the order of ``i``. :func:`write_task_file` writes the file
-all at once (through :func:`unimerge.io.atomic_file`) and deterministically: the same tensors and
+all at once (through :func:`unimerge.io.writer.write_safetensors`) and deterministically: the same tensors and
 metadata give the same bytes (tensors sorted by name; safetensors' own ``save_file`` orders its header
 differently from run to run). :func:`open_task_file` checks the metadata and that every task's entries
 are present from the header, before any data is read; :class:`TaskFile` then reads one tensor's vector
@@ -25,11 +25,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -37,8 +36,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from unimerge.errors import CheckpointError, ConfigError
-from unimerge.io import atomic_file
-from unimerge.io.checkpoint import SAFETENSORS_DTYPES
+from unimerge.io.writer import write_safetensors
 
 __all__ = [
     "EXPERTS_FORMAT",
@@ -79,7 +77,6 @@ _MAKE: dict[TaskKind | None, str] = {
     "experts": "`unimerge masks --kind free_merging` (or save_task_experts)",
     None: "`unimerge masks`",
 }
-_DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def vector_key(name: str) -> str:
@@ -129,31 +126,6 @@ def task_metadata(kind: TaskKind, method: str, tasks: Sequence[str], **extra: st
     return {**meta, **extra}
 
 
-def _tensor_bytes(tensor: Tensor) -> np.ndarray:
-    """The tensor's data as little-endian bytes ``(nbytes,)``."""
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-def _header(tensors: Mapping[str, Tensor], names: Sequence[str], metadata: Mapping[str, str]) -> bytes:
-    """Length prefix plus the JSON header (padded to 8 bytes) for ``names`` laid out in that order."""
-    entries: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
-    pos = 0
-    for name in names:
-        t = tensors[name]
-        if t.dtype not in _DTYPE_CODES:
-            raise ConfigError(f"Tensor {name!r} has dtype {t.dtype}, which safetensors cannot store.")
-        nbytes = t.numel() * t.element_size()
-        entries[name] = {
-            "dtype": _DTYPE_CODES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [pos, pos + nbytes],
-        }
-        pos += nbytes
-    raw = json.dumps(entries, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
 def write_task_file(
     path: str | os.PathLike[str], tensors: Mapping[str, Tensor], metadata: Mapping[str, str]
 ) -> int:
@@ -166,15 +138,7 @@ def write_task_file(
         raise ConfigError(
             f"{out} is a folder; give a file name for the task-model file (e.g. masks.safetensors)."
         )
-    names = sorted(tensors)
-    header = _header(tensors, names, metadata)
-    with atomic_file(out) as tmp, open(tmp, "wb") as f:
-        f.write(header)
-        for name in names:
-            f.write(_tensor_bytes(tensors[name]).data)
-        f.flush()
-        os.fsync(f.fileno())
-    return out.stat().st_size
+    return write_safetensors(out, tensors, metadata)
 
 
 def _kind_of(meta: Mapping[str, str]) -> TaskKind | None:
