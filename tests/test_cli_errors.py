@@ -309,3 +309,14 @@ def test_python_m_unimerge_runs_the_command_through_main(world) -> None:
         timeout=300,
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "missing.yaml" in bad.stderr
+
+
+def test_device_is_a_checked_choice(world) -> None:
+    """An unknown device is a usage error (exit 2) naming the choices, not an internal error."""
+    text = _fails(world, str(_write_cfg(world)), "--device", "gpu", match="'gpu' is not a device")
+    assert "cpu, cuda" in text and "internal error" not in text
+    if not torch.cuda.is_available():
+        res = runner.invoke(
+            app, ["merge", str(_write_cfg(world)), str(world["root"] / "out"), "--device", "cuda"]
+        )
+        assert res.exit_code == 2 and "no CUDA device" in " ".join(res.output.split()), res.output
