@@ -71,7 +71,19 @@ def test_smoke_suite_end_to_end(fresh_cache, tmp_path, umask_022):
         assert row["avg"] == pytest.approx(sum(row["per_task"].values()) / len(tasks), abs=2e-4)
         chosen = max(row["grid"], key=lambda g: g["val_avg"])  # picked on validation, first on ties
         assert row["params"] == chosen["params"] and row["val_avg"] == chosen["val_avg"]
-    assert set(res["scaling"]) == {r["method"] for r in res["rows"]}
+    assert set(res["scaling"]) == {r["method"] for r in res["rows"]}  # smoke scales all three
+    assert all(rec["n_tasks"] == 2 for recs in res["scaling"].values() for rec in recs)
+    # protocol v2: frozen heads, statistics on every row
+    assert res["protocol"]["version"] == 2 and "frozen" in res["protocol"]["head"]
+    by_name = {r["method"]: r for r in [*res["baselines"], *res["rows"]]}
+    assert by_name["pretrained (frozen heads)"]["per_task"] == res["pretrained"]
+    for name, row in by_name.items():
+        lo, hi = row["ci95"]
+        assert lo <= row["avg"] <= hi, name
+        assert (name == "task_arithmetic") == ("p_vs_task_arithmetic" not in row), name
+        assert set(row["correct"]) == set(tasks)
+    for record in res["training"].values():
+        assert record["val_history"][0][0] == 0  # the pretrained point comes first
     # experts are Hugging Face folders plus a head file, reusable by `unimerge merge`
     for path in res["experts"].values():
         folder = Path(path)
@@ -81,7 +93,7 @@ def test_smoke_suite_end_to_end(fresh_cache, tmp_path, umask_022):
         assert (folder / "encoder" / "tokenizer.json").exists()
     # what the benchmark writes is readable by a teammate, like any file the user makes (umask 022)
     written = [out / n for n in ("results.json", "results.md", "report.html")]
-    for kind in ("data", "models", "experts", "multitask", "probes"):  # every cache entry, every file in it
+    for kind in ("data", "models", "heads", "experts", "multitask"):  # every cache entry, every file in it
         written += list((fresh_cache / kind).rglob("*"))
     assert {"model.safetensors", "head.safetensors", "meta.json"} <= {p.name for p in written}
     unreadable = [p for p in written if stat.S_IMODE(p.stat().st_mode) & 0o044 != 0o044]
@@ -143,8 +155,9 @@ def test_data_aware_methods_get_rows_through_merge_problem(fresh_cache, tmp_path
     )
     assert result.exit_code == 0, result.output
     res = json.loads((out / "results.json").read_text())
-    assert res["scaling"] == {}  # data-aware methods are not merged again per task subset
     rows = {r["method"]: r for r in res["rows"]}
+    # regmean is a scaled method and smile the best MoE-style row; two tasks: only the full set
+    assert {m: [r["n_tasks"] for r in recs] for m, recs in res["scaling"].items()} == {"regmean": [2], "smile": [2]}
     assert set(rows) == {"regmean", "smile"}, res["skipped"]
     assert rows["regmean"]["data_budget"] == {"examples_per_task": 64, "labeled": False}
     assert rows["smile"]["data_budget"]["examples_per_task"] == 0

@@ -1,63 +1,95 @@
-"""Benchmark training: recipe keys, and trained weights that do not depend on the caller's torch
-thread count."""
+"""Benchmark training (protocol v2): experts fine-tuned through frozen heads stop early on validation,
+their bits depend neither on the caller's torch thread count nor on how many worker processes train
+them, and every built model is cached by its recipe."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import dataclasses
+from pathlib import Path
 
+import pytest
 import torch
-from torch import nn
 
-from unimerge.bench.train import TRAIN_THREADS, _fit, recipe_hash, torch_threads
+from _bench_toy import TOY_SUITE, tiny_bert, toy_task
+from unimerge.bench.build import build_experts, build_heads, build_multitask
+from unimerge.bench.model import evaluate, load_encoder
+from unimerge.bench.recipes import recipe_hash
+from unimerge.bench.train import TRAIN_THREADS, _Best, _fit, torch_threads
 
-
-class _Split:
-    """Random token ids and labels, collated as the benchmark's splits are."""
-
-    def __init__(self, n: int, seq: int, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(5, 500, (n, seq), generator=g)
-        self.labels = torch.randint(0, 3, (n,), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        ids = self.ids[idx]
-        return {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "token_type_ids": torch.zeros_like(ids),
-            "labels": self.labels[idx],
-        }
+pytest.importorskip("transformers")
 
 
-def _train(outer_threads: int) -> dict[str, torch.Tensor]:
-    from transformers import BertConfig, BertModel
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("bench")
+    pdir = tiny_bert(root / "pretrained")
+    tasks = [toy_task("a", 2, 1), toy_task("b", 3, 2)]
+    heads = build_heads(root / "cache", load_encoder(pdir), tasks, 0, "sha")
+    return {"root": root, "pretrained": pdir, "tasks": tasks, "heads": heads}
 
+
+def _train(world: dict, outer_threads: int) -> dict[str, torch.Tensor]:
     with torch_threads(outer_threads):
         torch.manual_seed(0)
-        cfg = BertConfig(
-            vocab_size=512,
-            hidden_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=512,
-            max_position_embeddings=64,
-        )
-        encoder = BertModel(cfg, add_pooling_layer=False)
-        heads = nn.ModuleDict({"t": nn.Linear(256, 3)})
-        task = SimpleNamespace(name="t", train=_Split(64, 64, seed=1))
-        _fit(encoder, heads, [task], 6, SimpleNamespace(lr=1e-3, batch_size=16), 0, None)  # type: ignore[arg-type]
+        encoder = load_encoder(world["pretrained"])
+        _fit(encoder, world["tasks"][:1], world["heads"][:1], 6, TOY_SUITE, 0, None)
         assert torch.get_num_threads() == outer_threads  # restored
     return {k: v.clone() for k, v in encoder.state_dict().items()}
 
 
-def test_training_is_bit_identical_whatever_the_callers_thread_count() -> None:
-    """Tensors this size are split between threads, so without the pinned count the weights differ
-    (by about 2e-3 after 6 steps)."""
-    one, other = _train(1), _train(TRAIN_THREADS + 1)
+def test_training_is_bit_identical_whatever_the_callers_thread_count(world) -> None:
+    """Tensors are split between threads, so without the pinned count the weights could differ."""
+    one, other = _train(world, 1), _train(world, TRAIN_THREADS + 1)
     assert all(torch.equal(one[k], other[k]) for k in one)
+
+
+def test_early_stopping_keeps_the_best_state_and_stops_after_patience() -> None:
+    enc = torch.nn.Linear(2, 2)
+    best = _Best(patience=2)
+    with torch.no_grad():
+        enc.weight.fill_(1.0)
+        assert best.update(0, 0.5, enc, ["weight"])
+        enc.weight.fill_(2.0)
+        assert best.update(10, 0.7, enc, ["weight"])  # better: kept
+        enc.weight.fill_(3.0)
+        assert best.update(20, 0.6, enc, ["weight"])  # worse once: go on
+        assert not best.update(30, 0.7, enc, ["weight"])  # a tie is no improvement: patience spent
+    assert (
+        best.step == 10 and best.score == 0.7 and torch.equal(best.state["weight"], torch.full((2, 2), 2.0))
+    )
+    assert best.history == [(0, 0.5), (10, 0.7), (20, 0.6), (30, 0.7)]
+
+
+def test_expert_never_ends_below_the_pretrained_validation_score(world) -> None:
+    """The pretrained encoder is the first point of the early-stopping record, so an expert that
+    never improves returns the pretrained weights, not worse ones."""
+    task, head = world["tasks"][0], world["heads"][0]
+    encoder = load_encoder(world["pretrained"])
+    before = evaluate(encoder, [task], {head.task: head.state}, "val")[task.name]
+    bad = dataclasses.replace(TOY_SUITE, lr=1.0)  # diverges
+    best = _fit(encoder, [task], [head], 6, bad, 0, None)
+    after = evaluate(encoder, [task], {head.task: head.state}, "val")[task.name]
+    assert best.history[0][1] == before and after == best.score >= before
+
+
+def test_experts_are_bit_identical_with_one_or_two_worker_processes(world, tmp_path: Path) -> None:
+    args = (world["pretrained"], world["tasks"], world["heads"], TOY_SUITE, 0, "sha")
+    serial = build_experts(tmp_path / "serial", *args, jobs=1)
+    parallel = build_experts(tmp_path / "parallel", *args, jobs=2)
+    for a, b in zip(serial, parallel, strict=True):
+        assert a.path.name == b.path.name  # the same recipe
+        assert (a.encoder_dir / "model.safetensors").read_bytes() == (
+            b.encoder_dir / "model.safetensors"
+        ).read_bytes()
+        assert (a.path / "head.safetensors").read_bytes() == (b.path / "head.safetensors").read_bytes()
+        assert a.meta["best_step"] == b.meta["best_step"] and a.val == b.val
+    again = build_experts(tmp_path / "serial", *args, jobs=1)  # cached: not retrained
+    assert [e.meta["train_seconds"] for e in again] == [e.meta["train_seconds"] for e in serial]
+
+
+def test_multitask_reads_every_frozen_head(world, tmp_path: Path) -> None:
+    mtl = build_multitask(tmp_path, world["pretrained"], world["tasks"], world["heads"], TOY_SUITE, 0, "sha")
+    assert set(mtl.test) == {"a", "b"} and mtl.meta["features"] == "unit_mean_pool"
 
 
 def test_recipe_hash_ignores_key_order_but_not_values():

@@ -2,8 +2,8 @@
 
 A suite hands a data-aware method a :class:`~unimerge.methods.MergeProblem` built from its cached
 pieces: the pretrained encoder, the experts' encoder tensors, each task's :class:`~unimerge.data.TaskData` (the
-method draws ``unlabeled``/``labeled`` batches from the *train* split only), each task's head and the
-benchmark's pooling as ``features``. The method runs at its registered defaults (its grid is not
+method draws ``unlabeled``/``labeled`` batches from the *train* split only), each task's frozen head
+and the benchmark's unit-norm features (:func:`unimerge.bench.model.embed`) as ``features``. The method runs at its registered defaults (its grid is not
 searched: a data-aware merge costs minutes, not seconds) with a budget of
 :data:`BUDGET` examples per task; the row records that budget, whether labels were used, the merge
 time, and the parameter count of what must be stored (for MoE-style results).
@@ -19,14 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from unimerge.bench.model import EVAL_BATCH, pool
-from unimerge.bench.scores import summarize
+from unimerge.bench.model import EVAL_BATCH, embed
+from unimerge.bench.scores import correct_row
 from unimerge.core import validate_params
 from unimerge.data import Batch, Split, TaskData, batches
 from unimerge.errors import UnimergeError
 from unimerge.methods import MergedModel, MergeProblem, ModelMethod
 
-__all__ = ["BUDGET", "data_row", "evaluate_merged", "make_problem", "run_data_method"]
+__all__ = ["BUDGET", "correct_merged", "data_row", "evaluate_merged", "make_problem", "run_data_method"]
 
 BUDGET = 64  # examples per task a data-aware method may draw (the papers use tens to hundreds)
 
@@ -40,7 +40,7 @@ def _head(weights: Mapping[str, Tensor]) -> nn.Linear:
 
 def _features(module: nn.Module, batch: Batch) -> Tensor:
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        return pool(module, batch).float()
+        return embed(module, batch)
 
 
 def make_problem(
@@ -65,21 +65,25 @@ def make_problem(
 
 
 @torch.inference_mode()
-def _accuracy(problem: MergeProblem, module: nn.Module, i: int, split: Split) -> float:
-    correct = 0
+def _correct(problem: MergeProblem, module: nn.Module, i: int, split: Split) -> Tensor:
+    out = torch.zeros(len(split), dtype=torch.bool)
     for idx, batch in batches(split, EVAL_BATCH):
         logits = problem.logits(module, i, {k: v for k, v in batch.items() if k != "labels"})
-        correct += int((logits.argmax(-1) == split.labels[idx]).sum())
-    return correct / len(split)
+        out[idx] = logits.argmax(-1) == split.labels[idx]
+    return out
+
+
+def correct_merged(problem: MergeProblem, merged: MergedModel, split: str) -> dict[str, Tensor]:
+    """Task name -> per-example correctness ``(n,)`` of the module the merge gives for that task."""
+    return {
+        task.name: _correct(problem, merged.for_task(task.name).eval(), i, getattr(task, split))
+        for i, task in enumerate(problem.tasks)
+    }
 
 
 def evaluate_merged(problem: MergeProblem, merged: MergedModel, split: str) -> dict[str, float]:
     """Task name -> accuracy of the module the merge gives for that task, on ``split``."""
-    out = {}
-    for i, task in enumerate(problem.tasks):
-        module = merged.for_task(task.name).eval()
-        out[task.name] = _accuracy(problem, module, i, getattr(task, split))
-    return out
+    return {t: float(c.float().mean()) for t, c in correct_merged(problem, merged, split).items()}
 
 
 def run_data_method(info: ModelMethod, problem: MergeProblem) -> dict[str, Any]:
@@ -89,9 +93,11 @@ def run_data_method(info: ModelMethod, problem: MergeProblem) -> dict[str, Any]:
     merged = info.fn(problem, params)
     seconds = time.perf_counter() - start
     dense = sum(p.numel() for p in problem.base.parameters())
+    test = correct_merged(problem, merged, "test")
     return {
         "val": evaluate_merged(problem, merged, "val"),
-        "test": evaluate_merged(problem, merged, "test"),
+        "test": {t: float(c.float().mean()) for t, c in test.items()},
+        "test_correct": test,
         "seconds": round(seconds, 3),
         "params": params.model_dump(by_alias=True),
         "data_budget": {"examples_per_task": merged.examples_used, "labeled": merged.labeled},
@@ -113,7 +119,7 @@ def data_row(info: ModelMethod, problem: MergeProblem, individual: Mapping[str, 
         out = run_data_method(info, problem)
     except UnimergeError as err:
         return {"method": info.name, "reason": str(err)}
-    row = summarize(info.name, out["test"], individual)
+    row = correct_row(info.name, out["test_correct"], individual)
     return (
         row
         | {

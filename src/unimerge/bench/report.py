@@ -3,7 +3,9 @@
 The HTML page inlines its plots as PNG data URIs (matplotlib, Agg backend), so it can be mailed or
 attached to CI artifacts as one file: the results table, per-task accuracy per method (grouped bars),
 the validation sweep of each method's grid, and (with ``--scaling``) normalized accuracy against
-the number of merged tasks.
+the number of merged tasks. Every row shows its 95% bootstrap interval and whether it differs
+significantly from task arithmetic (paired bootstrap, :mod:`unimerge.bench.scores`): ``▲`` better,
+``▼`` worse, ``=`` no significant difference, ``ref`` for task arithmetic itself.
 """
 
 from __future__ import annotations
@@ -25,6 +27,23 @@ __all__ = ["render_html", "render_markdown", "results_table"]
 def _all_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = sorted(results["rows"], key=lambda r: -r["avg"])
     return [*results.get("baselines", []), *rows]
+
+
+def _interval(row: Mapping[str, Any]) -> str:
+    """``avg``'s 95% bootstrap interval, in %."""
+    ci = row.get("ci95")
+    return f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}" if ci else ""
+
+
+def _versus(row: Mapping[str, Any]) -> str:
+    """The comparison with task arithmetic: ▲ / ▼ (significant), = (not), ref, or blank."""
+    if row["method"] == "task_arithmetic":
+        return "ref"
+    if "significant" not in row:
+        return ""
+    if not row["significant"]:
+        return "="
+    return "▲" if row["delta_vs_task_arithmetic"] > 0 else "▼"
 
 
 def _fmt_params(params: Mapping[str, Any] | None) -> str:
@@ -49,14 +68,19 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     """The results as a Markdown table (what the README shows): test accuracy % per task, mean,
     normalized mean, chosen parameters and merge seconds, best method first; skipped methods below."""
     tasks = results["tasks"]
-    head = ["method", *tasks, "avg", "norm.", "chosen params / data", "merge s"]
+    head = ["method", *tasks, "avg", "95% CI", "vs TA", "norm.", "chosen params / data", "merge s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     n_base = len(results.get("baselines", []))
     for i, row in enumerate(_all_rows(results)):
         name = row["method"] if i < n_base else f"`{row['method']}`"
         cells = [f"{100 * row['per_task'][t]:.1f}" for t in tasks]
         seconds = f"{row['seconds']:.1f}" if i >= n_base and "seconds" in row else ""
-        means = [f"{100 * row['avg']:.1f}", f"{100 * row['normalized_avg']:.1f}"]
+        means = [
+            f"{100 * row['avg']:.1f}",
+            _interval(row),
+            _versus(row),
+            f"{100 * row['normalized_avg']:.1f}",
+        ]
         lines.append("| " + " | ".join([name, *cells, *means, _shown_params(row), seconds]) + " |")
     skipped = [f"`{s['method']}` ({s['reason'].split('.')[0]})" for s in results.get("skipped", [])]
     if skipped:
@@ -71,7 +95,7 @@ def results_table(results: Mapping[str, Any]) -> Table:
     table.add_column("method")
     for t in tasks:
         table.add_column(t, justify="right")
-    for col in ("avg", "norm.", "params", "merge s"):
+    for col in ("avg", "95% CI", "vs TA", "norm.", "params", "merge s"):
         table.add_column(col, justify="right" if col != "params" else "left")
     n_base = len(results.get("baselines", []))
     for i, row in enumerate(_all_rows(results)):
@@ -82,6 +106,8 @@ def results_table(results: Mapping[str, Any]) -> Table:
             row["method"],
             *cells,
             f"{100 * row['avg']:.1f}",
+            _interval(row),
+            _versus(row),
             f"{100 * row['normalized_avg']:.1f}",
             _shown_params(row),
             seconds,
@@ -90,7 +116,15 @@ def results_table(results: Mapping[str, Any]) -> Table:
         )
     for skip in results.get("skipped", []):
         table.add_row(
-            skip["method"], *["-"] * len(tasks), "-", "-", f"skipped: {skip['reason'][:60]}", "", style="dim"
+            skip["method"],
+            *["-"] * len(tasks),
+            "-",
+            "",
+            "",
+            "-",
+            f"skipped: {skip['reason'][:60]}",
+            "",
+            style="dim",
         )
     return table
 
@@ -172,30 +206,31 @@ def _scaling(results: Mapping[str, Any]) -> str | None:
     scaling = results.get("scaling")
     if not scaling:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    trends = results.get("scaling_trend", {})
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
     for method, records in scaling.items():
-        ks = sorted({r["k"] for r in records})
-        vals = [[100 * r["normalized_avg"] for r in records if r["k"] == k] for k in ks]
-        ax.errorbar(
-            ks,
-            [np.mean(v) for v in vals],
-            yerr=[np.std(v) for v in vals],
-            marker="o",
-            capsize=3,
-            label=method,
+        ns = sorted({r["n_tasks"] for r in records})
+        vals = [np.array([100 * r["normalized_avg"] for r in records if r["n_tasks"] == n]) for n in ns]
+        mean = np.array([v.mean() for v in vals])
+        slope = trends.get(method, {}).get("slope")
+        label = method + (f" ({100 * slope:+.2f}/task)" if slope is not None else "")
+        (line,) = ax.plot(ns, mean, marker="o", label=label)
+        ax.fill_between(
+            ns, [v.min() for v in vals], [v.max() for v in vals], color=line.get_color(), alpha=0.15
         )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("number of merged tasks")
     ax.set_ylabel("normalized accuracy (%)")
-    ax.set_title("Task scaling (mean ± std over random task subsets, test)")
-    ax.legend(fontsize=7)
+    ax.set_title("Task scaling: mean over random task subsets (band: min to max), test")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _png(fig)
 
 
 def _table_html(results: Mapping[str, Any]) -> str:
     tasks = results["tasks"]
     head = "".join(
-        f"<th>{html.escape(c)}</th>" for c in ["method", *tasks, "avg", "normalized", "params", "merge s"]
+        f"<th>{html.escape(c)}</th>"
+        for c in ["method", *tasks, "avg", "95% CI", "vs TA", "normalized", "params", "merge s"]
     )
     body = []
     for row in _all_rows(results):
@@ -204,16 +239,34 @@ def _table_html(results: Mapping[str, Any]) -> str:
         seconds = f"{row['seconds']:.2f}" if "seconds" in row else ""
         body.append(
             f"<tr{cls}><td>{html.escape(row['method'])}</td>{''.join(cells)}"
-            f"<td><b>{100 * row['avg']:.1f}</b></td><td>{100 * row['normalized_avg']:.1f}</td>"
+            f"<td><b>{100 * row['avg']:.1f}</b></td><td>{_interval(row)}</td><td>{_versus(row)}</td>"
+            f"<td>{100 * row['normalized_avg']:.1f}</td>"
             f"<td>{html.escape(_shown_params(row))}</td><td>{seconds}</td></tr>"
         )
     for skip in results.get("skipped", []):
         body.append(
             f'<tr class="skipped"><td>{html.escape(skip["method"])}</td>'
-            f'<td colspan="{len(tasks) + 4}">skipped: {html.escape(skip["reason"])}</td></tr>'
+            f'<td colspan="{len(tasks) + 6}">skipped: {html.escape(skip["reason"])}</td></tr>'
         )
     return f'<table id="results"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
+
+_HOW_TO_READ = (
+    "<h2>How to read this</h2><ul>"
+    "<li><b>Accuracy</b> is on each task's test split, of the merged encoder read by that task's frozen "
+    "head: a linear classifier fitted on the pretrained encoder's unit-norm features before any "
+    "fine-tuning. So <i>pretrained</i> is every merge's lambda = 0 point, and a merge helps when it "
+    "lands above it.</li>"
+    "<li>Each method's hyperparameters are chosen on validation from its documented grid; the chosen "
+    "point is reported on test.</li>"
+    "<li><b>Normalized</b> = merged accuracy / the task's own expert's accuracy, averaged over tasks "
+    "(100 = as good as every expert).</li>"
+    "<li><b>95% CI</b>: the range the mean over tasks would fall in for 95% of test sets like this one "
+    "(bootstrap over test examples). Two rows whose intervals overlap may still differ: "
+    "<b>vs TA</b> compares each row with task arithmetic on the same examples (paired bootstrap): "
+    "▲ significantly better, ▼ significantly worse (p &lt; 0.05), = no significant difference.</li>"
+    "</ul>"
+)
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}
 table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
@@ -233,11 +286,7 @@ def render_html(results: Mapping[str, Any]) -> str:
         f"suite {results['suite']} · model {results['model']} · seed {results.get('seed')} · "
         f"{results.get('date', '')} · {results.get('machine', '')}"
     )
-    note = (
-        "Accuracy on each task's test split of the merged encoder with that task's own head. "
-        "Hyperparameters chosen on validation from each method's documented grid; normalized = "
-        "merged / individual expert accuracy, averaged over tasks."
-    )
+    note = _HOW_TO_READ
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>unimerge bench: {results['suite']}"
         f"</title><style>{_CSS}</style></head><body><h1>unimerge bench: {html.escape(results['suite'])}</h1>"

@@ -1,16 +1,18 @@
-"""The benchmark run: data, experts and baselines (cached), then every method tuned on validation.
+"""The benchmark run: data, frozen heads, experts (cached), then every method tuned on validation.
 
 For each method (every registered data-free method by default) the runner merges the experts'
 encoders with :func:`unimerge.merge_state_dicts` at each point of the method's documented grid
 (``MethodInfo.grid``, the product of its values; no grid means the defaults), evaluates the merged
-encoder with each task's own head on the *validation* splits, keeps the point with the best mean
-validation accuracy (the first in grid order on ties), and reports that point on the *test* splits.
+encoder with each task's frozen head (:mod:`unimerge.bench.heads`) on the *validation* splits, keeps
+the point with the best mean validation accuracy (the first in grid order on ties), and reports that
+point on the *test* splits, with every test example's correctness kept for the statistics
+(:mod:`unimerge.bench.scores`).
 A method that rejects this setup (:class:`~unimerge.ConfigError`, e.g. one that needs exactly two
 models) is listed under ``skipped`` with the reason. The runner never names a method: a newly
 registered one shows up by itself.
 
-``--scaling`` merges random subsets of 2..N tasks with each method's chosen parameters and reports
-normalized test accuracy per subset size.
+``--scaling`` merges random subsets of 2, 4, ... N tasks (``Suite.scaling_subsets`` of each size)
+with each scaled method's chosen parameters and reports normalized test accuracy per subset.
 """
 
 from __future__ import annotations
@@ -26,14 +28,24 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch import Tensor, nn
 
-from unimerge.bench.data_aware import data_row, make_problem
-from unimerge.bench.model import MINILM, encoder_state, evaluate, load_encoder, load_tokenizer, pretrained_dir
-from unimerge.bench.scores import summarize
-from unimerge.bench.train import Expert, Tick, build_expert, build_multitask, build_probe
+from unimerge.bench.build import Ticker, build_experts, build_heads, build_multitask
+from unimerge.bench.data_aware import data_row, make_problem, run_data_method
+from unimerge.bench.heads import FrozenHead
+from unimerge.bench.model import (
+    MINILM,
+    encoder_state,
+    evaluate,
+    evaluate_correct,
+    load_encoder,
+    load_tokenizer,
+    pretrained_dir,
+)
+from unimerge.bench.scores import correct_row, summarize
+from unimerge.bench.train import Expert, Tick
 from unimerge.core import merge_state_dicts
 from unimerge.data import DATASETS, SUITES, Suite, TaskData, load_dataset, make_task
 from unimerge.errors import ConfigError, MergeError, UnimergeError
@@ -49,7 +61,10 @@ __all__ = [
     "grid_points",
     "prepare",
     "rich_progress",
+    "REFERENCE_ROWS",
     "run_scaling",
+    "scaled_rows",
+    "scaling_sizes",
     "scaling_subsets",
     "select_methods",
     "tune_method",
@@ -68,20 +83,22 @@ class Prepared:
     tasks: list[TaskData]
     pretrained: Path
     base: dict[str, Tensor]
+    frozen: list[FrozenHead]  # each task's head, fitted on the pretrained encoder and frozen
     experts: list[Expert]
-    probes: list[Expert]
     multitask: Expert
     states: list[dict[str, Tensor]]  # experts' encoder tensors, in task order
     model: nn.Module  # a working encoder that merged weights are loaded into
     unchanged: set[str]  # tensors equal to the base in every expert
+    references: dict[str, dict[str, Tensor]]  # reference row -> task -> test correctness (n,) bool
 
     @property
     def heads(self) -> dict[str, dict[str, Tensor]]:
-        return {t.name: e.heads[t.name] for t, e in zip(self.tasks, self.experts, strict=True)}
+        return {h.task: h.state for h in self.frozen}
 
     @property
     def individual(self) -> dict[str, float]:
-        return {t.name: e.test[t.name] for t, e in zip(self.tasks, self.experts, strict=True)}
+        """Each task's own expert's test accuracy (the denominator of normalized accuracy)."""
+        return {t: float(c.float().mean()) for t, c in self.references["individual"].items()}
 
 
 def rich_progress(console: Console) -> Progress:
@@ -94,11 +111,6 @@ def rich_progress(console: Console) -> Progress:
         console=console,
         transient=False,
     )
-
-
-def _advance(progress: Progress, bar: TaskID) -> Tick:
-    """A training callback that advances ``bar`` by its argument."""
-    return lambda n: progress.advance(bar, n)
 
 
 def _data_table(tasks: Sequence[TaskData]) -> Table:
@@ -120,8 +132,10 @@ def _data_table(tasks: Sequence[TaskData]) -> Table:
     return table
 
 
-def prepare(suite: Suite, seed: int, root: Path | None = None, console: Console | None = None) -> Prepared:
-    """Load the data, then build (or load) every expert, linear probe and the multi-task model."""
+def prepare(suite: Suite, seed: int, root: Path | None = None, console: Console | None = None,
+            jobs: int = 1) -> Prepared:  # fmt: skip
+    """Load the data, then fit (or load) the frozen heads and build (or load) every expert
+    (``jobs`` at a time) and the multi-task model."""
     console = console or Console()
     root = root or cache_root()
     pdir = pretrained_dir(root)
@@ -130,44 +144,48 @@ def prepare(suite: Suite, seed: int, root: Path | None = None, console: Console 
     console.print(_data_table(tasks))
     pretrained = load_encoder(pdir)
     with rich_progress(console) as progress:
-        experts = []
-        for t in tasks:
-            bar = progress.add_task(f"expert {t.name}", total=suite.steps)
-            experts.append(build_expert(root, pdir, t, suite, seed, MINILM.sha256, _advance(progress, bar)))
-            progress.update(bar, completed=suite.steps)
-        bar = progress.add_task("multi-task model", total=suite.mtl_steps)
-        mtl = build_multitask(root, pdir, tasks, suite, seed, MINILM.sha256, _advance(progress, bar))
-        progress.update(bar, completed=suite.mtl_steps)
-        bar = progress.add_task("linear probes", total=len(tasks))
-        probes = []
-        for t in tasks:
-            probes.append(build_probe(root, pretrained, t, suite, seed, MINILM.sha256))
-            progress.advance(bar)
-    tasks = [_with_head(t, e) for t, e in zip(tasks, experts, strict=True)]
+        ticker = _ticker(progress)
+        heads = build_heads(root, pretrained, tasks, seed, MINILM.sha256)
+        experts = build_experts(
+            root, pdir, tasks, heads, suite, seed, MINILM.sha256, jobs=jobs, ticker=ticker
+        )
+        mtl = build_multitask(root, pdir, tasks, heads, suite, seed, MINILM.sha256, ticker)
+    tasks = [dataclasses.replace(t, head=h.state) for t, h in zip(tasks, heads, strict=True)]
     keys = list(pretrained.state_dict())  # checkpoints may carry extra buffers (position_ids)
     states = [_select(encoder_state(e.encoder_dir), keys) for e in experts]
     base = _select(encoder_state(pdir), keys)
-    return Prepared(
-        suite,
-        seed,
-        tasks,
-        pdir,
-        base,
-        experts,
-        probes,
-        mtl,
-        states,
-        pretrained,
-        unchanged_tensors(base, states),
+    prep = Prepared(suite, seed, tasks, pdir, base, heads, experts, mtl, states, pretrained,
+                    unchanged_tensors(base, states), {})  # fmt: skip
+    prep.references.update(_references(prep))
+    return prep
+
+
+def _ticker(progress: Progress) -> Ticker:
+    """Bars named by the training code, each advanced by its steps and completed when done."""
+
+    def make(name: str, total: int) -> Tick:
+        bar = progress.add_task(name, total=total)
+        return lambda n: progress.advance(bar, n)
+
+    return make
+
+
+def _references(prep: Prepared) -> dict[str, dict[str, Tensor]]:
+    """Test correctness of the reference rows: the pretrained encoder and each expert on its task
+    (both with the frozen heads), and the multi-task model."""
+    out = {"pretrained": evaluate_correct(prep.model, prep.tasks, prep.heads, "test")}
+    own: dict[str, Tensor] = {}
+    for task, expert in zip(prep.tasks, prep.experts, strict=True):
+        own |= evaluate_correct(load_encoder(expert.encoder_dir), [task], prep.heads, "test")
+    out["individual"] = own
+    out["multitask"] = evaluate_correct(
+        load_encoder(prep.multitask.encoder_dir), prep.tasks, prep.heads, "test"
     )
+    return out
 
 
 def _select(state: dict[str, Tensor], keys: Sequence[str]) -> dict[str, Tensor]:
     return {k: state[k] for k in keys}
-
-
-def _with_head(task: TaskData, expert: Expert) -> TaskData:
-    return dataclasses.replace(task, head=expert.heads[task.name])
 
 
 def select_methods(suite: Suite, names: Sequence[str] | None) -> list[Method]:
@@ -283,9 +301,9 @@ def tune_method(prep: Prepared, info: Method, tick: Tick | None = None) -> dict[
         return {"method": info.name, "reason": reasons[0] if reasons else "no grid point ran"}
     best = max(sweep, key=lambda r: r["val_avg"])  # max keeps the first of equal scores
     seconds = _merge(prep, info, best["params"], everyone)
-    row = summarize(info.name, evaluate(prep.model, prep.tasks, prep.heads, "test"), prep.individual)
+    correct = evaluate_correct(prep.model, prep.tasks, prep.heads, "test")
     _restore(prep)
-    return row | {
+    return correct_row(info.name, correct, prep.individual) | {
         "params": best["params"],
         "seconds": round(seconds, 3),
         "val_avg": best["val_avg"],
@@ -294,49 +312,58 @@ def tune_method(prep: Prepared, info: Method, tick: Tick | None = None) -> dict[
     }
 
 
+def scaling_sizes(n_tasks: int) -> list[int]:
+    """The subset sizes of the scaling study: 2, 4, 6, ... and ``n_tasks`` itself."""
+    return sorted({*range(2, n_tasks + 1, 2), n_tasks}) if n_tasks >= 2 else []
+
+
 def scaling_subsets(n_tasks: int, per_size: int, seed: int) -> list[tuple[int, ...]]:
-    """Random distinct task subsets of each size 2..n (at most ``per_size`` each; the full set once)."""
+    """Random distinct task subsets of each size of :func:`scaling_sizes` (at most ``per_size`` each;
+    the full set once), in size order."""
     rng = random.Random(seed)
     out: list[tuple[int, ...]] = []
-    for k in range(2, n_tasks + 1):
+    for k in scaling_sizes(n_tasks):
         combos = list(itertools.combinations(range(n_tasks), k))
         out.extend(sorted(rng.sample(combos, min(per_size, len(combos)))))
     return out
 
 
+def scaled_rows(suite: Suite, rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The rows the scaling study follows: the suite's ``scaling_methods`` that ran, and the best
+    MoE-style row."""
+    chosen = [r for r in rows if r["method"] in suite.scaling_methods]
+    moe = [r for r in rows if r.get("family") == "moe"]
+    return chosen + ([max(moe, key=lambda r: r["avg"])] if moe else [])
+
+
+def _subset_accuracy(prep: Prepared, row: Mapping[str, Any], idx: Sequence[int]) -> dict[str, float]:
+    """Test accuracy per task when only the tasks ``idx`` are merged, at the row's parameters."""
+    info = get_method(row["method"])
+    tasks = [prep.tasks[i] for i in idx]
+    if isinstance(info, ModelMethod):
+        states = [prep.states[i] for i in idx]
+        problem = make_problem(load_encoder(prep.pretrained), states, tasks, prep.heads, seed=prep.seed)
+        return dict(run_data_method(info, problem)["test"])
+    _merge(prep, info, row["params"], idx)
+    return evaluate(prep.model, tasks, prep.heads, "test")
+
+
 def run_scaling(
     prep: Prepared, rows: Sequence[Mapping[str, Any]], tick: Tick | None = None
 ) -> dict[str, list[dict[str, Any]]]:
-    """Method -> one record per task subset: ``k``, ``tasks``, ``avg``, ``normalized_avg`` (test).
-
-    Data-aware methods are left out (each of their merges costs minutes); ``tick`` still counts
-    their subsets, so a progress bar sized for every row completes.
-    """
+    """Method -> one record per task subset: ``n_tasks``, ``tasks``, ``avg``, ``normalized_avg`` (test),
+    for the rows of :func:`scaled_rows` (the full set reuses the row itself)."""
     subsets = scaling_subsets(len(prep.tasks), prep.suite.scaling_subsets, prep.seed)
     out: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        info = get_method(row["method"])
-        if isinstance(info, ModelMethod):
-            if tick:
-                tick(len(subsets))
-            continue
+    for row in scaled_rows(prep.suite, rows):
         records = []
         for idx in subsets:
-            tasks = [prep.tasks[i] for i in idx]
-            if len(idx) == len(prep.tasks):
-                per_task = row["per_task"]
-            else:
-                _merge(prep, info, row["params"], idx)
-                per_task = evaluate(prep.model, tasks, prep.heads, "test")
+            full = len(idx) == len(prep.tasks)
+            per_task = row["per_task"] if full else _subset_accuracy(prep, row, idx)
             rec = summarize(row["method"], per_task, prep.individual)
-            records.append(
-                {
-                    "k": len(idx),
-                    "tasks": [t.name for t in tasks],
-                    "avg": rec["avg"],
-                    "normalized_avg": rec["normalized_avg"],
-                }
-            )
+            names = [prep.tasks[i].name for i in idx]
+            records.append({"n_tasks": len(idx), "tasks": names, "avg": rec["avg"],
+                            "normalized_avg": rec["normalized_avg"]})  # fmt: skip
             if tick:
                 tick(1)
         out[row["method"]] = records
@@ -351,15 +378,17 @@ def get_suite(name: str) -> Suite:
     return SUITES[name]
 
 
+REFERENCE_ROWS = {
+    "pretrained": "pretrained (frozen heads)",
+    "individual": "individual experts",
+    "multitask": "multi-task (reference)",
+}
+
+
 def baselines(prep: Prepared) -> list[dict[str, Any]]:
-    """Reference rows: pretrained encoder + linear probes, individual experts, multi-task model."""
-    probe = {t.name: p.test[t.name] for t, p in zip(prep.tasks, prep.probes, strict=True)}
-    mtl = {t.name: prep.multitask.test[t.name] for t in prep.tasks}
-    return [
-        summarize("pretrained (linear probe)", probe, prep.individual),
-        summarize("individual experts", prep.individual, prep.individual),
-        summarize("multi-task (reference)", mtl, prep.individual),
-    ]
+    """Reference rows: the pretrained encoder with the frozen heads (every merge's lambda = 0
+    point), each task's own expert, and the multi-task model."""
+    return [correct_row(name, prep.references[key], prep.individual) for key, name in REFERENCE_ROWS.items()]
 
 
 def dataset_info(prep: Prepared) -> dict[str, dict[str, Any]]:

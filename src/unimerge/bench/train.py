@@ -1,104 +1,96 @@
-"""Building the benchmark's models, each cached by a hash of its recipe.
+"""Experts and the multi-task model: the encoder fine-tuned through frozen heads, each cached.
 
-- **Experts**: the whole MiniLM encoder fine-tuned on one task with a fresh linear head. The word
-  embedding matrix (11.7M of the 22.7M parameters) is frozen: it halves the optimizer's work on
-  2 CPU cores, and its task vector is exactly zero, which every merge method handles. Saved as a
-  Hugging Face folder ``encoder/`` (``config.json``, ``model.safetensors``, tokenizer files) plus
-  ``head.safetensors``, so ``unimerge merge`` can consume the experts directly.
-- **Multi-task model**: one encoder with one head per task, trained on batches that alternate over
-  the tasks (the upper reference the merging literature reports).
-- **Linear probes**: each task's head trained on frozen pretrained features (computed once); the L2
-  strength is chosen on validation from ``PROBE_L2``.
+- **Experts** (protocol v2): the whole MiniLM encoder fine-tuned on one task *through that task's
+  frozen head* (:mod:`unimerge.bench.heads`), so a merged encoder is read by the same head as the
+  pretrained one. The word-embedding matrix (11.7M of the 22.7M parameters) is frozen: it halves the
+  optimizer's work on 2 CPU cores, and its task vector is exactly zero, which every merge method
+  handles. Training stops early: validation accuracy is measured every ``suite.eval_every`` steps,
+  the best encoder is kept, and training ends after ``suite.patience`` evaluations without
+  improvement (or at the ``suite.steps`` cap). Saved as a Hugging Face folder ``encoder/`` plus the
+  head as ``head.safetensors``, so ``unimerge merge`` consumes the experts directly.
+- **Multi-task model**: one encoder trained on batches that alternate over the tasks, each through
+  its frozen head, stopped on the mean validation accuracy (the upper reference).
 
-Training uses AdamW (head at ``HEAD_LR_MULT`` times the encoder's rate), linear warmup over the
-first 10% of steps then linear decay, bf16 autocast, and seeded RNGs (the global RNG state is
-forked, so the caller's is left untouched). It always runs on ``TRAIN_THREADS`` torch threads,
-whatever ``--threads`` says: float sums depend on how work is split between threads, and over a
-hundred steps that difference grows into different experts (and different merge results).
+Training uses AdamW, linear warmup over the first 5% of the step cap then linear decay to the cap,
+bf16 autocast, and seeded RNGs (the global RNG state is forked, so the caller's is untouched). It
+always runs on ``TRAIN_THREADS`` torch threads, whatever ``--threads`` says: float sums depend on
+how work is split between threads. Missing experts train in parallel worker processes
+(:func:`build_experts`), one thread each, so the bits do not depend on the number of workers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from unimerge.bench.model import accuracy, features, head_accuracy, hidden_size, load_encoder, make_head, pool
-from unimerge.data import DATASETS, Batch, Suite, TaskData
-from unimerge.io.atomic import atomic_dir, atomic_file, atomic_write_text
+from unimerge.bench.heads import FrozenHead
+from unimerge.bench.model import embed, evaluate, load_encoder
+from unimerge.bench.recipes import FROZEN, task_recipe
+from unimerge.data import Batch, Suite, TaskData
+from unimerge.io.atomic import atomic_dir, atomic_write_text
 
 __all__ = [
-    "PROBE_L2",
     "TRAIN_THREADS",
     "Expert",
     "Tick",
-    "build_expert",
-    "build_multitask",
-    "build_probe",
-    "load_heads",
-    "recipe",
-    "recipe_hash",
+    "expert_recipe",
+    "load_expert",
+    "multitask_recipe",
     "torch_threads",
+    "train_and_save",
 ]
 
-HEAD_LR_MULT = 20.0
-PROBE_L2 = (1e-4, 1e-3, 1e-2)
-RECIPE_VERSION = 1
-FROZEN = "embeddings.word_embeddings"  # the module whose weight experts do not train
 TRAIN_THREADS = 1  # the thread count every cached expert and multi-task model is trained on
+WARMUP = 0.05  # fraction of the step cap spent warming the learning rate up
 Tick = Callable[[int], None]  # progress callback: advance by n steps
 
 
 @dataclass(frozen=True)
 class Expert:
-    """A cached fine-tuned model: ``path/encoder`` is a Hugging Face folder; per-task heads and accuracies."""
+    """A cached fine-tuned encoder (``path/encoder``) with its accuracies and training record."""
 
     path: Path
-    heads: dict[str, dict[str, Tensor]]
     val: dict[str, float]
     test: dict[str, float]
-    meta: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def encoder_dir(self) -> Path:
         return self.path / "encoder"
 
 
-def recipe_hash(rec: dict[str, Any]) -> str:
-    """A short stable hash of a JSON-serialisable recipe (key order does not matter)."""
-    blob = json.dumps(rec, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def recipe(
-    kind: str, suite: Suite, tasks: Sequence[TaskData], seed: int, model_sha: str, steps: int
-) -> dict[str, Any]:
-    """Everything that determines a trained model (its cache key is :func:`recipe_hash` of this)."""
-    return {
-        "kind": kind,
-        "version": RECIPE_VERSION,
-        "tasks": [t.name for t in tasks],
-        "max_len": [t.max_len for t in tasks],
-        "split_seed": seed,
-        "n_train": suite.n_train,
-        "n_val": suite.n_val,
-        "n_test": suite.n_test,
+def _train_recipe(kind: str, suite: Suite, tasks: Sequence[TaskData], heads: Sequence[FrozenHead],
+                  seed: int, model_sha: str, steps: int) -> dict[str, Any]:  # fmt: skip
+    return task_recipe(kind, tasks, seed, model_sha) | {
+        "heads": [h.digest for h in heads],
         "steps": steps,
+        "eval_every": suite.eval_every,
+        "patience": suite.patience,
         "lr": suite.lr,
         "batch_size": suite.batch_size,
-        "model_sha": model_sha,
-        "frozen": FROZEN,
-        "data": [f"{DATASETS[t.name].archive.sha256[:12]}-v{DATASETS[t.name].version}" for t in tasks],
     }
+
+
+def expert_recipe(
+    suite: Suite, task: TaskData, head: FrozenHead, seed: int, model_sha: str
+) -> dict[str, Any]:
+    """What one expert depends on (its cache folder is named by the hash of this)."""
+    return _train_recipe("expert", suite, [task], [head], seed, model_sha, suite.steps)
+
+
+def multitask_recipe(suite: Suite, tasks: Sequence[TaskData], heads: Sequence[FrozenHead], seed: int,
+                     model_sha: str) -> dict[str, Any]:  # fmt: skip
+    """What the multi-task model depends on."""
+    return _train_recipe("multitask", suite, tasks, heads, seed, model_sha, suite.mtl_steps)
 
 
 def _batch_stream(task: TaskData, batch_size: int, g: torch.Generator) -> Iterator[Batch]:
@@ -120,190 +112,123 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def _schedule(step: int, total: int) -> float:
-    warm = max(1, total // 10)
+    warm = max(1, int(total * WARMUP))
     return (step + 1) / warm if step < warm else max(0.0, (total - step) / max(1, total - warm))
 
 
+def _frozen_heads(heads: Sequence[FrozenHead]) -> dict[str, nn.Linear]:
+    out = {}
+    for h in heads:
+        k, d = h.state["weight"].shape
+        lin = nn.Linear(d, k)
+        lin.load_state_dict({"weight": h.state["weight"].float(), "bias": h.state["bias"].float()})
+        out[h.task] = lin.eval().requires_grad_(False)
+    return out
+
+
+@dataclass
+class _Best:
+    """Early stopping: the best encoder seen on validation, when it was seen, and every score."""
+
+    patience: int
+    score: float = -1.0
+    step: int = 0
+    state: dict[str, Tensor] = field(default_factory=dict)
+    history: list[tuple[int, float]] = field(default_factory=list)
+    waited: int = 0
+
+    def update(self, step: int, score: float, encoder: nn.Module, trainable: Sequence[str]) -> bool:
+        """Record ``score`` at ``step`` (keeping the encoder if it is the best so far); returns
+        whether training should go on (fewer than ``patience`` evaluations without improvement)."""
+        self.history.append((step, score))
+        if score > self.score:
+            params = dict(encoder.named_parameters())
+            self.score, self.step, self.waited = score, step, 0
+            self.state = {k: params[k].detach().clone() for k in trainable}
+        else:
+            self.waited += 1
+        return self.waited < self.patience
+
+
+def _val_score(encoder: nn.Module, tasks: Sequence[TaskData], heads: Sequence[FrozenHead]) -> float:
+    acc = evaluate(encoder, tasks, {h.task: h.state for h in heads}, "val")
+    encoder.train()
+    return sum(acc.values()) / len(acc)
+
+
 @torch_threads(TRAIN_THREADS)  # a context manager made with contextlib is also a decorator
-def _fit(
-    encoder: nn.Module,
-    heads: nn.ModuleDict,
-    tasks: Sequence[TaskData],
-    steps: int,
-    suite: Suite,
-    seed: int,
-    tick: Tick | None,
-) -> float:
-    """Train ``encoder`` + ``heads`` for ``steps`` steps cycling over ``tasks`` on ``TRAIN_THREADS``
-    torch threads; returns the last loss."""
+def _fit(encoder: nn.Module, tasks: Sequence[TaskData], heads: Sequence[FrozenHead], steps: int, suite: Suite,
+         seed: int, tick: Tick | None) -> _Best:  # fmt: skip
+    """Train ``encoder`` through the frozen ``heads`` cycling over ``tasks``, keeping the best
+    validation state (restored into ``encoder`` at the end); see the module docstring."""
     encoder.get_parameter(f"{FROZEN}.weight").requires_grad_(False)
-    enc_params = [p for p in encoder.parameters() if p.requires_grad]
+    trainable = [n for n, p in encoder.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
-        [
-            {"params": enc_params, "lr": suite.lr},
-            {"params": heads.parameters(), "lr": suite.lr * HEAD_LR_MULT},
-        ],
-        weight_decay=0.01,
+        [p for p in encoder.parameters() if p.requires_grad], lr=suite.lr, weight_decay=0.01
     )
-    base_lrs = [grp["lr"] for grp in opt.param_groups]
+    linear = _frozen_heads(heads)
     g = torch.Generator().manual_seed(seed)
     streams = [_batch_stream(t, suite.batch_size, g) for t in tasks]
-    encoder.train()
-    loss_val = float("nan")
+    best = _Best(suite.patience)
+    best.update(0, _val_score(encoder, tasks, heads), encoder, trainable)  # the pretrained point
     for step in range(steps):
         k = step % len(tasks)
         batch = next(streams[k])
-        for grp, lr in zip(opt.param_groups, base_lrs, strict=True):
-            grp["lr"] = lr * _schedule(step, steps)
+        opt.param_groups[0]["lr"] = suite.lr * _schedule(step, steps)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = heads[tasks[k].name](pool(encoder, batch))
+            logits = linear[tasks[k].name](embed(encoder, batch))
         loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)
         opt.step()
-        loss_val = loss.detach().item()
         if tick:
             tick(1)
+        if (step + 1) % suite.eval_every == 0 and not best.update(
+            step + 1, _val_score(encoder, tasks, heads), encoder, trainable
+        ):
+            break
+    with torch.no_grad():
+        params = dict(encoder.named_parameters())
+        for name, value in best.state.items():
+            params[name].copy_(value)
     encoder.eval()
-    return loss_val
+    return best
 
 
-def _head_state(head: nn.Linear) -> dict[str, Tensor]:
-    return {"weight": head.weight.detach().clone().contiguous(), "bias": head.bias.detach().clone()}
-
-
-def _train_and_save(
-    final: Path,
-    rec: dict[str, Any],
-    pretrained: Path,
-    tasks: Sequence[TaskData],
-    steps: int,
-    suite: Suite,
-    seed: int,
-    tick: Tick | None,
-) -> None:
+def train_and_save(final: Path, rec: Mapping[str, Any], pretrained: Path, tasks: Sequence[TaskData],
+                   heads: Sequence[FrozenHead], steps: int, suite: Suite, seed: int,
+                   tick: Tick | None = None) -> None:  # fmt: skip
+    """Train an encoder through ``heads`` on ``tasks`` and save it (with its record) at ``final``."""
     from transformers import AutoTokenizer
 
     encoder = load_encoder(pretrained)
-    hidden = hidden_size(encoder)
-    linear = {t.name: make_head(hidden, t.num_classes, seed + i) for i, t in enumerate(tasks)}
-    heads = nn.ModuleDict(linear)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        loss = _fit(encoder, heads, tasks, steps, suite, seed, tick)
+        best = _fit(encoder, tasks, heads, steps, suite, seed, tick)
     seconds = time.perf_counter() - start
-    states = {t.name: _head_state(linear[t.name]) for t in tasks}
-    val = {t.name: accuracy(encoder, t.val, states[t.name]) for t in tasks}
-    test = {t.name: accuracy(encoder, t.test, states[t.name]) for t in tasks}
+    states = {h.task: h.state for h in heads}
+    val = evaluate(encoder, tasks, states, "val")
+    test = evaluate(encoder, tasks, states, "test")
     with atomic_dir(final, exists="keep") as tmp:
         encoder.save_pretrained(tmp / "encoder", safe_serialization=True)
         AutoTokenizer.from_pretrained(pretrained).save_pretrained(tmp / "encoder")
-        (tmp / "heads").mkdir()
-        for name, state in states.items():
-            save_file(state, str(tmp / "heads" / f"{name}.safetensors"), metadata={"task": name})
+        if len(heads) == 1:  # a bench expert: its head beside the encoder (what `unimerge merge` reads)
+            save_file(heads[0].state, str(tmp / "head.safetensors"), metadata={"task": heads[0].task})
         meta = {
-            "recipe": rec,
+            "recipe": dict(rec),
             "val": val,
             "test": test,
+            "features": "unit_mean_pool",
+            "best_step": best.step,
+            "val_history": best.history,
             "train_seconds": round(seconds, 1),
-            "last_loss": loss,
             "classes": {t.name: list(t.classes) for t in tasks},
         }
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2))
 
 
-def load_heads(path: Path) -> dict[str, dict[str, Tensor]]:
-    """Task name -> ``{"weight", "bias"}`` from ``path/heads/*.safetensors``."""
-    return {f.stem: load_file(f) for f in sorted((path / "heads").glob("*.safetensors"))}
-
-
-def _load(path: Path) -> Expert:
+def load_expert(path: Path) -> Expert:
+    """A cached expert or multi-task model."""
     meta = json.loads((path / "meta.json").read_text())
-    return Expert(path, load_heads(path), meta["val"], meta["test"], meta)
-
-
-def build_expert(
-    root: Path,
-    pretrained: Path,
-    task: TaskData,
-    suite: Suite,
-    seed: int,
-    model_sha: str,
-    tick: Tick | None = None,
-) -> Expert:
-    """The expert for ``task`` from the cache, trained first if absent.
-
-    The folder holds ``encoder/`` (Hugging Face), ``heads/<task>.safetensors`` and a copy of the head
-    as ``head.safetensors``, and ``meta.json`` (recipe, accuracies, training time).
-    """
-    rec = recipe("expert", suite, [task], seed, model_sha, suite.steps)
-    final = root / "experts" / f"{task.name}-{recipe_hash(rec)}"
-    if not (final / "meta.json").exists():
-        _train_and_save(final, rec, pretrained, [task], suite.steps, suite, seed, tick)
-    head_file = final / "head.safetensors"
-    if not head_file.exists():
-        with atomic_file(head_file) as tmp:
-            save_file(load_file(final / "heads" / f"{task.name}.safetensors"), str(tmp))
-    return _load(final)
-
-
-def build_multitask(
-    root: Path,
-    pretrained: Path,
-    tasks: Sequence[TaskData],
-    suite: Suite,
-    seed: int,
-    model_sha: str,
-    tick: Tick | None = None,
-) -> Expert:
-    """The multi-task model (one encoder, one head per task) from the cache, trained first if absent."""
-    rec = recipe("multitask", suite, tasks, seed, model_sha, suite.mtl_steps)
-    final = root / "multitask" / recipe_hash(rec)
-    if not (final / "meta.json").exists():
-        _train_and_save(final, rec, pretrained, tasks, suite.mtl_steps, suite, seed, tick)
-    return _load(final)
-
-
-def _fit_probe(x: Tensor, y: Tensor, num_classes: int, l2: float) -> dict[str, Tensor]:
-    """Multinomial logistic regression on features ``x (n, d)`` by L-BFGS (deterministic)."""
-    w = torch.zeros(num_classes, x.shape[1], requires_grad=True)
-    b = torch.zeros(num_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=200, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(x @ w.T + b, y) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return {"weight": w.detach().clone(), "bias": b.detach().clone()}
-
-
-def build_probe(
-    root: Path, pretrained_encoder: nn.Module, task: TaskData, suite: Suite, seed: int, model_sha: str
-) -> Expert:
-    """The linear probe of ``task`` on the frozen pretrained encoder (cached)."""
-    rec = recipe("probe", suite, [task], seed, model_sha, 0) | {"l2_grid": list(PROBE_L2)}
-    final = root / "probes" / f"{task.name}-{recipe_hash(rec)}"
-    if not (final / "meta.json").exists():
-        feats = {s: features(pretrained_encoder, getattr(task, s)) for s in ("train", "val", "test")}
-        mu, sd = feats["train"].mean(0), feats["train"].std(0).clamp_min(1e-6)
-        z = {s: (f - mu) / sd for s, f in feats.items()}
-        fits = {l2: _fit_probe(z["train"], task.train.labels, task.num_classes, l2) for l2 in PROBE_L2}
-        scores = {l2: head_accuracy(z["val"], task.val.labels, h) for l2, h in fits.items()}
-        best = max(PROBE_L2, key=lambda l2: (scores[l2], -PROBE_L2.index(l2)))
-        # Fold the standardisation into the head so it applies to raw pooled features.
-        w = fits[best]["weight"] / sd
-        head = {"weight": w.contiguous(), "bias": fits[best]["bias"] - w @ mu}
-        val = {task.name: head_accuracy(feats["val"], task.val.labels, head)}
-        test = {task.name: head_accuracy(feats["test"], task.test.labels, head)}
-        with atomic_dir(final, exists="keep") as tmp:
-            (tmp / "heads").mkdir()
-            save_file(head, str(tmp / "heads" / f"{task.name}.safetensors"))
-            meta = {"recipe": rec, "val": val, "test": test, "l2": best, "val_by_l2": scores}
-            atomic_write_text(
-                tmp / "meta.json", json.dumps({k: v for k, v in meta.items()}, indent=2, default=str)
-            )
-    return _load(final)
+    return Expert(path, meta["val"], meta["test"], meta)

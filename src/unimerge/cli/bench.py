@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ def bench(
     suite: str = typer.Option(
         "quick",
         "--suite",
-        help="text8 (8 tasks, all data-free methods), quick (4 tasks, "
+        help="text12 (12 tasks, every data-free method), text8 (8 of them, the same experts), quick (4 tasks, "
         "core methods, the README example) or smoke (2 tasks, CI).",
     ),
     out: Path = typer.Option(..., "--out", help="Folder for results.json and report.html."),
@@ -33,7 +34,17 @@ def bench(
         help="Earlier output folder of the same suite and seed: its finished rows are copied, not rerun "
         "(repeat the option; give --out itself to resume an interrupted run).",
     ),
-    scaling: bool = typer.Option(False, "--scaling", help="Also merge 2..N tasks and plot accuracy vs N."),
+    scaling: bool = typer.Option(
+        False, "--scaling", help="Also merge 2, 4, ..., N tasks and plot accuracy vs N."
+    ),
+    jobs: int = typer.Option(
+        0,
+        "--jobs",
+        min=0,
+        max=64,
+        help="Experts trained at once on a cold cache (worker processes, one thread each; the bits do not "
+        "depend on it). 0: one per CPU core.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the data splits, training and random methods."),
     threads: int | None = typer.Option(
         None,
@@ -54,8 +65,16 @@ def bench(
     hf_logging.set_verbosity_error()
     names = [m for item in methods or [] for m in item.split(",") if m.strip()]
     console = Console(width=None if sys.stdout.isatty() else 200)
+    workers = jobs or os.cpu_count() or 1
     guard(
         lambda: run_bench(
-            suite, out, names or None, scaling=scaling, seed=seed, reuse=reuse or (), console=console
+            suite,
+            out,
+            names or None,
+            scaling=scaling,
+            seed=seed,
+            reuse=reuse or (),
+            console=console,
+            jobs=workers,
         )
     )

@@ -37,12 +37,17 @@ class Suite:
     tasks: tuple[TaskSpec, ...]
     n_val: int
     n_test: int
-    n_train: int  # cap on training examples per task (also the linear probe's training set)
-    steps: int  # optimizer steps per expert
-    mtl_steps: int  # optimizer steps of the multi-task model (batches alternate over tasks)
+    n_train: int  # cap on training examples per task (also the frozen head's training set)
+    steps: int  # cap on optimizer steps per expert (early stopping usually ends sooner)
+    mtl_steps: int  # cap on optimizer steps of the multi-task model (batches alternate over tasks)
     batch_size: int = 32
-    lr: float = 5e-5
+    lr: float = 1e-4
+    eval_every: int = 100  # steps between validation checks of an expert in training
+    patience: int = 3  # checks without improvement before an expert stops
     scaling_subsets: int = 3  # random task subsets per size in --scaling
+    scaling_methods: tuple[str, ...] = (
+        "linear", "task_arithmetic", "ties", "tsv_m", "iso_cts", "cart", "regmean",
+    )  # fmt: skip
     default_methods: tuple[str, ...] | None = None
     grids: tuple[tuple[str, tuple[tuple[str, tuple[Any, ...]], ...]], ...] = ()
     description: str = ""
@@ -108,6 +113,8 @@ SUITES: dict[str, Suite] = {
             mtl_steps=12,
             batch_size=16,
             lr=1e-4,
+            eval_every=4,
+            patience=2,
             scaling_subsets=1,
             default_methods=("linear", "task_arithmetic", "ties"),
             description="2 tasks, tiny budgets, core methods: exercises the whole pipeline for CI",

@@ -46,6 +46,7 @@ __all__ = [
     "head_classes",
     "load_head",
     "mean_pool",
+    "unit_mean_pool",
     "no_heads_error",
     "open_model",
     "read_state",
@@ -74,6 +75,7 @@ class ModelRef:
     config: dict[str, Any]
     head_file: Path | None = None  # bench experts
     trained_on: str | None = None  # bench experts: the task in meta.json
+    pooling: str = "mean_pool"  # bench experts: what their head reads (meta.json's "features")
 
     def files(self) -> list[Path]:
         """The weight files (and the head file), for hashes."""
@@ -97,9 +99,13 @@ def _bench_dirs(path: Path) -> tuple[Path, Path | None]:
     return path, None
 
 
-def _trained_on(bench: Path) -> str | None:
+def _bench_meta(bench: Path) -> dict[str, Any]:
     meta = bench / "meta.json"
-    tasks = _read_json(meta).get("recipe", {}).get("tasks", []) if meta.is_file() else []
+    return _read_json(meta) if meta.is_file() else {}
+
+
+def _trained_on(bench: Path) -> str | None:
+    tasks = _bench_meta(bench).get("recipe", {}).get("tasks", [])
     return str(tasks[0]) if len(tasks) == 1 else None
 
 
@@ -135,6 +141,7 @@ def open_model(ref: str, config_dir: Path | None, allow_pickle: bool = False) ->
         ref, folder, path if path.is_dir() else path.parent, ck, _kind(config, bench), config,
         head_file=bench / "head.safetensors" if bench else None,
         trained_on=_trained_on(bench) if bench else None,
+        pooling=str(_bench_meta(bench).get("features", "mean_pool")) if bench else "mean_pool",
     )  # fmt: skip
 
 
@@ -384,8 +391,15 @@ def no_heads_error(method: str, refs: Sequence[str]) -> ConfigError:
     return MissingHeads(method, refs)._fail()
 
 
-def features_for(kind: Kind, body: Body) -> tuple[Features, str]:
-    """(features function, its name for sidecar recipes) for experts of ``kind``."""
-    if kind == "seqcls" and body.shell is not None:
+def unit_mean_pool(module: nn.Module, batch: Batch) -> Tensor:
+    """:func:`mean_pool` at unit L2 norm: what ``unimerge bench`` experts' heads read (protocol v2)."""
+    return nn.functional.normalize(mean_pool(module, batch).float(), dim=-1)
+
+
+def features_for(expert: ModelRef, body: Body) -> tuple[Features, str]:
+    """(features function, its name for sidecar recipes) for experts like ``expert``."""
+    if expert.kind == "seqcls" and body.shell is not None:
         return ClassifierInput(body.shell, body.prefix), f"classifier_input:{type(body.shell).__name__}"
+    if expert.pooling == "unit_mean_pool":
+        return unit_mean_pool, "unit_mean_pool"
     return mean_pool, "mean_pool"

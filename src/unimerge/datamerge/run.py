@@ -218,7 +218,7 @@ def prepare(cfg: MergeConfig, out: Path, options: RunOptions, config_dir: Path |
     for (task, classes), e in zip(loaded, experts, strict=True):
         _check_labels(info, params, task, classes, (heads or {}).get(task.name), e.ref)
     _check_surgery(info, body)
-    features, fname = features_for(experts[0].kind, body)
+    features, fname = features_for(experts[0], body)
     if body.shell is not None:
         body.shell.to(device)
     return Setup(
