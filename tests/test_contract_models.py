@@ -38,6 +38,9 @@ FAST: dict[str, dict[str, Any]] = {
     "layer_wise_adamerging": {"steps": 2},
     "lorahub": {"evaluations": 4},
     "surgery": {"steps": 2, "rank": 2},
+    "surgery_v2": {"steps": 2, "rank": 2, "layers": (r"^\d+$",)},  # the toy's blocks: children 0, 1, 2
+    "adarank": {"steps": 2},
+    "tsv_c": {},
     "smile": {"targets": ALL_LINEARS},
     "twin_merging": {"router_steps": 2, "router_hidden": 8},
     "wemoe": {"steps": 2, "batch_size": 8, "targets": ALL_LINEARS},
@@ -109,6 +112,20 @@ def on_the_line(lo: float, hi: float, shared: bool) -> Check:
             cs.append(c)
         if shared:
             assert max(cs) - min(cs) < 1e-5, cs
+
+    return check
+
+
+def task_models_are_expert(atol: float) -> Check:
+    """Every task's own module answers as the expert on every task's inputs (TSV-C: the shared
+    module is the pretrained one, no merged model to check)."""
+
+    def check(p: MergeProblem, merged: MergedModel) -> None:
+        x = _inputs(p)
+        with torch.no_grad():
+            want = _expert(p)(x)
+            for t in p.tasks:
+                torch.testing.assert_close(merged.for_task(t.name)(x), want, atol=atol, rtol=0, msg=t.name)
 
     return check
 
@@ -203,6 +220,36 @@ IDENTICAL: dict[str, list[Identical]] = {
         ),
         Identical({}, on_the_line(0.9, 0.9, shared=True), "default lambda 0.3: base + 0.3 N tau"),
     ],
+    "surgery_v2": [
+        Identical(
+            {"lambda": THIRD, "steps": 0},
+            outputs_are_expert(1e-5),
+            "shared model base + lambda N tau is the expert at lambda = 1/N; untrained adapters after "
+            "every block and on the output (up = 0) are the identity",
+        ),
+        Identical({}, on_the_line(0.9, 0.9, shared=True), "default lambda 0.3: base + 0.3 N tau"),
+    ],
+    "adarank": [
+        Identical(
+            {"steps": 0, "init": THIRD},
+            outputs_are_expert(1e-5),
+            "all components kept at the start (rank_fraction 1.0): base + sum_i lambda_i tau = base + N init tau",
+        ),
+        Identical(
+            {},
+            on_the_line(*ADA_SUM, shared=False),
+            "equal task vectors get equal gradients: per tensor base + (sum_i lambda_i) tau with each "
+            "lambda_i within 2 Adam steps of 0.3, and 2 steps of at most lr cannot move a +0.1 mask logit "
+            "below 0, so every component stays",
+        ),
+    ],
+    "tsv_c": [
+        Identical(
+            {"rank_fraction": 1.0},
+            task_models_are_expert(1e-5),
+            "each task's model is base + its full-rank task matrices (and dense biases): the expert",
+        )
+    ],
     "smile": [
         Identical(
             {},
@@ -233,7 +280,7 @@ IDENTICAL: dict[str, list[Identical]] = {
 
 def test_the_identical_experts_table_covers_every_method() -> None:
     assert set(IDENTICAL) == set(METHODS) == set(FAST)
-    assert len(METHODS) == 11
+    assert len(METHODS) == 14
 
 
 @pytest.mark.parametrize("method", METHODS)

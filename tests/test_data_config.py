@@ -150,6 +150,7 @@ def _parse(method: str = "regmean", **over) -> None:
             "batch_size is set twice",
         ),
         ({"parameters": {"alpah": 0.5}}, "has no parameter 'alpah'"),
+        ({"merge_method": "tsv_c"}, "builds one model per task"),
         (
             {"slices": [{"sources": [{"model": "e1", "layer_range": [0, 1]}]}], "models": None},
             "not `slices:`",
@@ -366,3 +367,7 @@ def test_validate_reports_tasks_and_sidecars(world) -> None:
     _merge(cfg, world["root"] / "out")
     res = runner.invoke(app, ["validate", str(cfg), str(world["root"] / "out2")])
     assert res.exit_code == 0 and "up to date" in " ".join(res.output.split())
+
+
+def test_deep_surgery_is_refused_before_any_forward_pass(world) -> None:
+    _fails(_cfg(world, "surgery_v2"), world["root"] / "out", "cannot save")

@@ -272,6 +272,12 @@ def _check_data(cfg: MergeConfig) -> None:
             f"`data:` is only for data-aware methods, and {info.name!r} is data-free; remove the `data:` "
             "section (or pick a data-aware method: `unimerge methods` lists them with their data needs)"
         )
+    if info.data == "none":
+        raise ValueError(
+            f"method {info.name!r} builds one model per task (a MergedModel with per-task modules), which "
+            "`unimerge merge` cannot write as one Hugging Face folder; run it in Python on a MergeProblem "
+            f"(unimerge.modelmerge) or benchmark it: `unimerge bench --methods {info.name}`"
+        )
     if data is None:
         raise ValueError(
             f"method {info.name!r} needs {info.data} examples: add a `data:` section with `suite: NAME` "

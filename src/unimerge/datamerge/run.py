@@ -178,7 +178,14 @@ def _heads(
 
 
 def _check_surgery(info: ModelMethod, body: Body) -> None:
-    """Representation surgery edits the body's last hidden states; a classifier on a pooler misses them."""
+    """Representation surgery edits the body's hidden states; a classifier on a pooler misses them. Deep
+    surgery's per-block modules have no saved form yet."""
+    if info.name == "surgery_v2":
+        raise ConfigError(
+            "Method 'surgery_v2' adds surgery modules inside every block, which `unimerge merge` cannot save "
+            "yet; run it in Python on a MergeProblem (unimerge.modelmerge) or benchmark it with "
+            "`unimerge bench --methods surgery_v2`. One-layer `surgery` can be saved."
+        )
     if info.name == "surgery" and body.shell is not None and getattr(body.module, "pooler", None) is not None:
         raise ConfigError(
             f"Method 'surgery' adapts the last hidden states of the model, but {type(body.shell).__name__} "

@@ -232,7 +232,7 @@ Method = TensorMethod | ModelMethod
 M = TypeVar("M", TensorMethod, ModelMethod)
 
 _WRONG_KIND = {
-    TensorMethod: "is data-aware ({data} examples): it merges nn.Modules with data, not tensors. Run it from "
+    TensorMethod: "is a model method ({data} data): it merges nn.Modules, not tensors. Run it from "
     "a config with a `data:` section (`unimerge merge`), or call it with a MergeProblem (unimerge.modelmerge)",
     ModelMethod: "is data-free: it merges tensors, not nn.Modules with data. Run it with `unimerge merge` "
     "(no `data:` section) or unimerge.merge_state_dicts",
@@ -353,15 +353,16 @@ def register_model_method(
     params: type[BaseModel] = NoParams,
     model_params: type[BaseModel] = ModelWeight,
     family: Family,
-    data: Literal["unlabeled", "labeled"],
+    data: DataNeeds,
     paper: str,
     needs_base: bool = True,
     random: bool = False,
     grid: Mapping[str, tuple[Any, ...]] | None = None,
     registry: Registry | None = None,
 ) -> Callable[[G], G]:
-    """Decorator: register ``fn`` as the data-aware :class:`ModelMethod` ``name`` (``data``: what
-    examples it draws from each task)."""
+    """Decorator: register ``fn`` as the :class:`ModelMethod` ``name`` (``data``: what examples it draws
+    from each task; ``"none"`` for a method that needs the modules but no data, e.g. one that returns
+    per-task modules, like TSV-C)."""
     _check_model_params(name, model_params)
 
     def deco(fn: G) -> G:

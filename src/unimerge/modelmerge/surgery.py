@@ -37,7 +37,15 @@ from unimerge.modelmerge._moe import (
 )
 from unimerge.modelmerge.stats import autocast
 
-__all__ = ["SurgeryAdapter", "SurgeryModule", "SurgeryParams", "feature_distance", "surgery", "train_adapter"]
+__all__ = [
+    "SurgeryAdapter",
+    "SurgeryModule",
+    "SurgeryParams",
+    "feature_distance",
+    "replace_hidden",
+    "surgery",
+    "train_adapter",
+]
 
 Row = tuple[Batch, Any, Tensor]  # (batch, the merged model's output on it, the expert's features (b, d))
 
@@ -69,7 +77,7 @@ class SurgeryAdapter(nn.Module):
         return z - cast(Tensor, self.up(F.relu(self.down(z))))
 
 
-def _replace_hidden(out: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+def replace_hidden(out: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     """``out`` with its last hidden state (``last_hidden_state``, first tuple item or the tensor) mapped by ``fn``."""
     if isinstance(out, Tensor):
         return fn(out)
@@ -95,7 +103,7 @@ class SurgeryModule(nn.Module):
         return {"d": self.d, "rank": self.rank}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return _replace_hidden(self.model(*args, **kwargs), lambda h: self.adapter(h.float()))  # float32 out
+        return replace_hidden(self.model(*args, **kwargs), lambda h: self.adapter(h.float()))  # float32 out
 
 
 class _Replay(nn.Module):
@@ -116,7 +124,7 @@ def _hidden_dim(out: Any) -> int:
         dims.append(h.shape[-1])
         return h
 
-    _replace_hidden(out, record)
+    replace_hidden(out, record)
     return dims[0]
 
 
