@@ -157,7 +157,10 @@ def test_data_aware_methods_get_rows_through_merge_problem(fresh_cache, tmp_path
     res = json.loads((out / "results.json").read_text())
     rows = {r["method"]: r for r in res["rows"]}
     # regmean is a scaled method and smile the best MoE-style row; two tasks: only the full set
-    assert {m: [r["n_tasks"] for r in recs] for m, recs in res["scaling"].items()} == {"regmean": [2], "smile": [2]}
+    assert {m: [r["n_tasks"] for r in recs] for m, recs in res["scaling"].items()} == {
+        "regmean": [2],
+        "smile": [2],
+    }
     assert set(rows) == {"regmean", "smile"}, res["skipped"]
     assert rows["regmean"]["data_budget"] == {"examples_per_task": 64, "labeled": False}
     assert rows["smile"]["data_budget"]["examples_per_task"] == 0
