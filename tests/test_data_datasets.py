@@ -7,12 +7,15 @@ seconds); nothing is skipped.
 from __future__ import annotations
 
 import re
+import tarfile
+import zipfile
 
 import numpy as np
 import pytest
 
 from unimerge.bench.model import load_tokenizer, pretrained_dir
 from unimerge.data import DATASETS, SUITES, Archive, fetch_archive, load_dataset, make_task, split_indices
+from unimerge.data.parsing import open_archive
 from unimerge.errors import CheckpointError
 
 # name -> (minimum examples, number of classes)
@@ -25,7 +28,16 @@ EXPECTED = {
     "news_outlet": (3_500, 9),
     "boolq": (12_000, 2),
     "privacy_qa": (10_000, 2),
+    "hyperbaton": (99_000, 2),
+    "squad_sentence": (45_000, 2),
+    "movie_dialog": (49_000, 2),
+    "multiemo": (56_000, 4),
+    "fever": (6_400, 2),
+    "winowhy": (2_800, 2),
+    "epistemic": (2_000, 2),
+    "knowledge_conflict": (17_000, 2),
 }
+PAIRS = {"boolq", "privacy_qa", "squad_sentence", "movie_dialog", "epistemic", "knowledge_conflict"}
 
 
 def test_unreachable_registry_and_empty_cache_is_a_clear_error(monkeypatch, tmp_path):
@@ -59,7 +71,7 @@ def test_loader_reads_real_labelled_examples(name):
     assert counts.min() > 0.2 * len(ds.labels) / k  # every class really present
     sample = ds.texts[:: max(1, len(ds.texts) // 200)]
     assert len(set(ds.texts)) == len(ds.texts)  # deduplicated
-    if name in ("boolq", "privacy_qa"):
+    if name in PAIRS:
         assert ds.is_pair and all(a and b for a, b in sample)
     else:
         assert not ds.is_pair and all(isinstance(t, str) and t for t in sample)
@@ -72,6 +84,45 @@ def test_label_leaks_are_removed():
     assert not any(re.search(r"\b(rec|sci)\.(autos|electronics)", t) for t in autos.texts)
     health = load_dataset("health_source")
     assert not any(re.search(r"https?[:/…]|@", t) for t in health.texts)
+
+
+@pytest.mark.network
+def test_bigbench_prompts_are_removed():
+    hyper = load_dataset("hyperbaton")
+    assert not any('"' in t or "adjective order" in t for t in hyper.texts)
+    # every question gave two phrases, the same words in two orders, one of them correct
+    assert all(sorted(hyper.texts[i].split()) == sorted(hyper.texts[i + 1].split()) for i in range(0, 400, 2))
+    assert all(hyper.labels[i] != hyper.labels[i + 1] for i in range(0, 400, 2))
+    movie = load_dataset("movie_dialog")
+    assert not any("were the sentences" in a + b or "preceding conversation" in a + b for a, b in movie.texts)
+    fever = load_dataset("fever")
+    assert not any("claim was made" in t or "true or false" in t for t in fever.texts)
+    epistemic = load_dataset("epistemic")
+    assert not any("Premise:" in p or "Hypothesis:" in h for p, h in epistemic.texts)
+    conflict = load_dataset("knowledge_conflict")
+    assert not any("Context:" in q or "Question:" in q for q, _ in conflict.texts)
+    assert abs(np.mean(conflict.labels) - 0.5) < 0.01  # supported and unsupported answers alternate
+    squad = load_dataset("squad_sentence")
+    questions = [q for q, _ in squad.texts]
+    assert abs(np.mean(squad.labels) - 0.5) < 0.01  # "contains" and "lacks" alternate
+    assert sum(q.endswith("?") for q in questions) > 0.9 * len(questions)
+    assert not any(q in sentence for q, sentence in squad.texts[:2000])
+
+
+def test_open_archive_reads_wheels_and_sdists_by_member_name(tmp_path):
+    member = tmp_path / "task.json"
+    member.write_text('{"examples": []}')
+    with tarfile.open(tmp_path / "pkg-1.0.tar.gz", "w:gz") as tar:
+        tar.add(member, arcname="pkg-1.0/pkg/task.json")
+    with zipfile.ZipFile(tmp_path / "pkg-1.0-py3-none-any.whl", "w") as wheel:
+        wheel.write(member, "pkg/task.json")
+    with open_archive(tmp_path / "pkg-1.0.tar.gz") as sdist:
+        assert sdist.namelist() == ["pkg-1.0/pkg/task.json"]
+        assert sdist.read("pkg-1.0/pkg/task.json") == b'{"examples": []}'
+        with pytest.raises(KeyError):
+            sdist.read("pkg-1.0/pkg/missing.json")
+    with open_archive(tmp_path / "pkg-1.0-py3-none-any.whl") as wheel:
+        assert wheel.read("pkg/task.json") == b'{"examples": []}'
 
 
 def test_splits_are_deterministic_disjoint_and_capped():

