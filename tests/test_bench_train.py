@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from _bench_toy import TOY_SUITE, tiny_bert, toy_task
-from unimerge.bench.build import build_experts, build_heads, build_multitask
+from unimerge.bench.build import build_heads, build_models
 from unimerge.bench.model import evaluate, load_encoder
 from unimerge.bench.recipes import recipe_hash
 from unimerge.bench.train import TRAIN_THREADS, _Best, _fit, torch_threads
@@ -72,24 +72,30 @@ def test_expert_never_ends_below_the_pretrained_validation_score(world) -> None:
     assert best.history[0][1] == before and after == best.score >= before
 
 
-def test_experts_are_bit_identical_with_one_or_two_worker_processes(world, tmp_path: Path) -> None:
+def test_models_are_bit_identical_with_one_or_two_worker_processes(world, tmp_path: Path) -> None:
+    """The experts and the multi-task model train in one pool; the bits do not depend on it."""
     args = (world["pretrained"], world["tasks"], world["heads"], TOY_SUITE, 0, "sha")
-    serial = build_experts(tmp_path / "serial", *args, jobs=1)
-    parallel = build_experts(tmp_path / "parallel", *args, jobs=2)
-    for a, b in zip(serial, parallel, strict=True):
+    serial, mtl_serial = build_models(tmp_path / "serial", *args, jobs=1)
+    parallel, mtl_parallel = build_models(tmp_path / "parallel", *args, jobs=2)
+    assert mtl_serial is not None and mtl_parallel is not None
+    assert set(mtl_serial.test) == {"a", "b"} and mtl_serial.meta["features"] == "unit_mean_pool"
+    for a, b in zip([*serial, mtl_serial], [*parallel, mtl_parallel], strict=True):
         assert a.path.name == b.path.name  # the same recipe
         assert (a.encoder_dir / "model.safetensors").read_bytes() == (
             b.encoder_dir / "model.safetensors"
         ).read_bytes()
-        assert (a.path / "head.safetensors").read_bytes() == (b.path / "head.safetensors").read_bytes()
         assert a.meta["best_step"] == b.meta["best_step"] and a.val == b.val
-    again = build_experts(tmp_path / "serial", *args, jobs=1)  # cached: not retrained
+    again, _ = build_models(tmp_path / "serial", *args, jobs=1)  # cached: not retrained
     assert [e.meta["train_seconds"] for e in again] == [e.meta["train_seconds"] for e in serial]
 
 
-def test_multitask_reads_every_frozen_head(world, tmp_path: Path) -> None:
-    mtl = build_multitask(tmp_path, world["pretrained"], world["tasks"], world["heads"], TOY_SUITE, 0, "sha")
-    assert set(mtl.test) == {"a", "b"} and mtl.meta["features"] == "unit_mean_pool"
+def test_a_suite_without_a_multitask_model(world, tmp_path: Path) -> None:
+    suite = dataclasses.replace(TOY_SUITE, mtl_steps=0)
+    experts, mtl = build_models(
+        tmp_path, world["pretrained"], world["tasks"], world["heads"], suite, 0, "sha"
+    )
+    assert mtl is None and len(experts) == 2 and not (tmp_path / "multitask").exists()
+    assert all((e.path / "head.safetensors").exists() for e in experts)
 
 
 def test_recipe_hash_ignores_key_order_but_not_values():

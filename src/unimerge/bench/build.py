@@ -1,9 +1,9 @@
 """Building the benchmark's models, or loading them from the cache: heads, experts, multi-task model.
 
-Heads come first (they are fitted on the pretrained encoder and frozen); experts are fine-tuned
-through them. Missing experts train in up to ``jobs`` worker processes at once (``spawn``ed, one
-torch thread each, as :mod:`unimerge.bench.train` always trains), so a cold suite uses every core
-and the bits do not depend on how many workers there were. Each expert's cache folder is named by
+Heads come first (they are fitted on the pretrained encoder and frozen); experts and the
+multi-task model are fine-tuned through them. Missing models train in up to ``jobs`` worker
+processes at once (``spawn``ed, one torch thread each, as :mod:`unimerge.bench.train` always
+trains), so a cold suite uses every core and the bits do not depend on how many workers there were. Each expert's cache folder is named by
 the hash of its recipe (:mod:`unimerge.bench.recipes`), which holds no suite name: two suites that
 share a task with the same split and budget share its head and expert.
 
@@ -31,7 +31,7 @@ from unimerge.bench.recipes import recipe_hash
 from unimerge.bench.train import Expert, Tick, expert_recipe, load_expert, multitask_recipe, train_and_save
 from unimerge.data import Suite, TaskData
 
-__all__ = ["Ticker", "build_experts", "build_heads", "build_multitask", "expert_dir"]
+__all__ = ["Ticker", "build_heads", "build_models", "expert_jobs", "multitask_job", "train_missing"]
 
 Ticker = Callable[[str, int], Tick]  # (bar name, total steps) -> a callback advancing that bar
 
@@ -42,23 +42,23 @@ def build_heads(root: Path, pretrained: nn.Module, tasks: Sequence[TaskData], se
     return [build_head(root, pretrained, t, seed, model_sha) for t in tasks]
 
 
-def expert_dir(root: Path, task: TaskData, rec: dict[str, Any]) -> Path:
-    """The cache folder of the expert with recipe ``rec``."""
-    return root / "experts" / f"{task.name}-{recipe_hash(rec)}"
-
-
 @dataclass(frozen=True)
 class _Job:
-    """One expert to train (everything a worker process needs, picklable)."""
+    """One model to train: an expert or the multi-task model (picklable, for a worker process)."""
 
+    name: str  # its progress bar
     final: Path
     rec: dict[str, Any]
     pretrained: Path
-    task: TaskData
-    head: FrozenHead
+    tasks: tuple[TaskData, ...]
+    heads: tuple[FrozenHead, ...]
     suite: Suite
     seed: int
     quiet: bool  # the caller silenced transformers' progress bars and warnings: so does the worker
+
+    @property
+    def steps(self) -> int:
+        return int(self.rec["steps"])
 
 
 def _transformers_quiet() -> bool:
@@ -68,12 +68,11 @@ def _transformers_quiet() -> bool:
 
 
 def _train(job: _Job, tick: Tick | None) -> None:
-    train_and_save(job.final, job.rec, job.pretrained, [job.task], [job.head], job.suite.steps, job.suite,
-                   job.seed, tick)  # fmt: skip
+    train_and_save(job.final, job.rec, job.pretrained, job.tasks, job.heads, job.suite, job.seed, tick)
 
 
 def _worker(job: _Job, ticks: Any) -> None:
-    """A worker process's entry point: ``ticks`` is a queue that carries ``(task, n)`` progress.
+    """A worker process's entry point: ``ticks`` is a queue that carries ``(name, n)`` progress.
 
     A spawned process starts with transformers' defaults; it takes the caller's quiet setting.
     """
@@ -82,7 +81,7 @@ def _worker(job: _Job, ticks: Any) -> None:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-    _train(job, lambda n: ticks.put((job.task.name, n)))
+    _train(job, lambda n: ticks.put((job.name, n)))
 
 
 def _in_workers(jobs: Sequence[_Job], workers: int, ticker: Ticker | None) -> None:
@@ -90,13 +89,13 @@ def _in_workers(jobs: Sequence[_Job], workers: int, ticker: Ticker | None) -> No
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         ticks = manager.Queue()
-        bars = {j.task.name: ticker(f"expert {j.task.name}", j.suite.steps) for j in jobs} if ticker else {}
+        bars = {j.name: ticker(j.name, j.steps) for j in jobs} if ticker else {}
         pending: set[Future[None]] = {pool.submit(_worker, j, ticks) for j in jobs}
         while pending:
             finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             _drain(ticks, bars)
             for f in finished:
-                f.result()  # a failed expert stops the run with its error
+                f.result()  # a failed model stops the run with its error
         _drain(ticks, bars)
 
 
@@ -110,32 +109,47 @@ def _drain(ticks: Any, bars: dict[str, Tick]) -> None:
             bars[name](n)
 
 
-def build_experts(root: Path, pretrained: Path, tasks: Sequence[TaskData], heads: Sequence[FrozenHead],
-                  suite: Suite, seed: int, model_sha: str, *, jobs: int = 1,
-                  ticker: Ticker | None = None) -> list[Expert]:  # fmt: skip
-    """Every task's expert, in task order; missing ones are trained first (``jobs`` at a time)."""
-    finals, todo = [], []
+def train_missing(jobs: Sequence[_Job], workers: int, ticker: Ticker | None) -> None:
+    """Train the jobs whose model is not cached yet: ``workers`` at a time, in worker processes when
+    more than one runs."""
+    todo = [j for j in jobs if not (j.final / "meta.json").exists()]
+    if len(todo) > 1 and workers > 1:
+        _in_workers(todo, min(workers, len(todo)), ticker)
+        return
+    for job in todo:
+        _train(job, ticker(job.name, job.steps) if ticker else None)
+
+
+def expert_jobs(root: Path, pretrained: Path, tasks: Sequence[TaskData], heads: Sequence[FrozenHead],
+                suite: Suite, seed: int, model_sha: str) -> list[_Job]:  # fmt: skip
+    """One job per task's expert, in task order."""
     quiet = _transformers_quiet()
+    out = []
     for task, head in zip(tasks, heads, strict=True):
         rec = expert_recipe(suite, task, head, seed, model_sha)
-        final = expert_dir(root, task, rec)
-        finals.append(final)
-        if not (final / "meta.json").exists():
-            todo.append(_Job(final, rec, pretrained, task, head, suite, seed, quiet))
-    if len(todo) > 1 and jobs > 1:
-        _in_workers(todo, min(jobs, len(todo)), ticker)
-    else:
-        for job in todo:
-            _train(job, ticker(f"expert {job.task.name}", job.suite.steps) if ticker else None)
-    return [load_expert(f) for f in finals]
+        final = root / "experts" / f"{task.name}-{recipe_hash(rec)}"
+        out.append(_Job(f"expert {task.name}", final, rec, pretrained, (task,), (head,), suite, seed, quiet))
+    return out
 
 
-def build_multitask(root: Path, pretrained: Path, tasks: Sequence[TaskData], heads: Sequence[FrozenHead],
-                    suite: Suite, seed: int, model_sha: str, ticker: Ticker | None = None) -> Expert:  # fmt: skip
-    """The multi-task model (one encoder through every task's frozen head), trained first if absent."""
+def multitask_job(root: Path, pretrained: Path, tasks: Sequence[TaskData], heads: Sequence[FrozenHead],
+                  suite: Suite, seed: int, model_sha: str) -> _Job | None:  # fmt: skip
+    """The multi-task model's job (``None`` when the suite has none: ``mtl_steps == 0``)."""
+    if suite.mtl_steps <= 0:
+        return None
     rec = multitask_recipe(suite, tasks, heads, seed, model_sha)
     final = root / "multitask" / recipe_hash(rec)
-    if not (final / "meta.json").exists():
-        tick = ticker("multi-task model", suite.mtl_steps) if ticker else None
-        train_and_save(final, rec, pretrained, tasks, heads, suite.mtl_steps, suite, seed, tick)
-    return load_expert(final)
+    return _Job("multi-task model", final, rec, pretrained, tuple(tasks), tuple(heads), suite, seed,
+                _transformers_quiet())  # fmt: skip
+
+
+def build_models(root: Path, pretrained: Path, tasks: Sequence[TaskData], heads: Sequence[FrozenHead],
+                 suite: Suite, seed: int, model_sha: str, *, jobs: int = 1,
+                 ticker: Ticker | None = None) -> tuple[list[Expert], Expert | None]:  # fmt: skip
+    """Every task's expert (in task order) and the multi-task model (or ``None``), trained first
+    when not cached; the multi-task model trains in the same pool as the experts (it goes first,
+    being the longest)."""
+    experts = expert_jobs(root, pretrained, tasks, heads, suite, seed, model_sha)
+    mtl = multitask_job(root, pretrained, tasks, heads, suite, seed, model_sha)
+    train_missing([*([mtl] if mtl else []), *experts], jobs, ticker)
+    return [load_expert(j.final) for j in experts], load_expert(mtl.final) if mtl else None

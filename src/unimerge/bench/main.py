@@ -82,7 +82,7 @@ def _skeleton(prep: Prepared, started: float) -> dict[str, Any]:
         "protocol": PROTOCOL | _budget(prep),
         "pretrained": base_rows[0]["per_task"],
         "individual": prep.individual,
-        "multitask": base_rows[2]["per_task"],
+        **({"multitask": base_rows[2]["per_task"]} if len(base_rows) > 2 else {}),
         "rows": [],
         "skipped": [],
         "baselines": base_rows,
@@ -107,6 +107,7 @@ def _budget(prep: Prepared) -> dict[str, Any]:
             "eval_every": suite.eval_every,
             "patience": suite.patience,
             "multitask_step_cap": suite.mtl_steps,
+            "multitask_eval_every": suite.mtl_eval_every,
         }
     }
 

@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import Tensor, nn
 
-from unimerge.bench.build import Ticker, build_experts, build_heads, build_multitask
+from unimerge.bench.build import Ticker, build_heads, build_models
 from unimerge.bench.data_aware import data_row, make_problem, run_data_method
 from unimerge.bench.heads import FrozenHead
 from unimerge.bench.model import (
@@ -85,7 +85,7 @@ class Prepared:
     base: dict[str, Tensor]
     frozen: list[FrozenHead]  # each task's head, fitted on the pretrained encoder and frozen
     experts: list[Expert]
-    multitask: Expert
+    multitask: Expert | None  # None when the suite trains no multi-task model
     states: list[dict[str, Tensor]]  # experts' encoder tensors, in task order
     model: nn.Module  # a working encoder that merged weights are loaded into
     unchanged: set[str]  # tensors equal to the base in every expert
@@ -146,10 +146,9 @@ def prepare(suite: Suite, seed: int, root: Path | None = None, console: Console 
     with rich_progress(console) as progress:
         ticker = _ticker(progress)
         heads = build_heads(root, pretrained, tasks, seed, MINILM.sha256)
-        experts = build_experts(
+        experts, mtl = build_models(
             root, pdir, tasks, heads, suite, seed, MINILM.sha256, jobs=jobs, ticker=ticker
         )
-        mtl = build_multitask(root, pdir, tasks, heads, suite, seed, MINILM.sha256, ticker)
     tasks = [dataclasses.replace(t, head=h.state) for t, h in zip(tasks, heads, strict=True)]
     keys = list(pretrained.state_dict())  # checkpoints may carry extra buffers (position_ids)
     states = [_select(encoder_state(e.encoder_dir), keys) for e in experts]
@@ -178,9 +177,10 @@ def _references(prep: Prepared) -> dict[str, dict[str, Tensor]]:
     for task, expert in zip(prep.tasks, prep.experts, strict=True):
         own |= evaluate_correct(load_encoder(expert.encoder_dir), [task], prep.heads, "test")
     out["individual"] = own
-    out["multitask"] = evaluate_correct(
-        load_encoder(prep.multitask.encoder_dir), prep.tasks, prep.heads, "test"
-    )
+    if prep.multitask is not None:
+        out["multitask"] = evaluate_correct(
+            load_encoder(prep.multitask.encoder_dir), prep.tasks, prep.heads, "test"
+        )
     return out
 
 
@@ -388,7 +388,11 @@ REFERENCE_ROWS = {
 def baselines(prep: Prepared) -> list[dict[str, Any]]:
     """Reference rows: the pretrained encoder with the frozen heads (every merge's lambda = 0
     point), each task's own expert, and the multi-task model."""
-    return [correct_row(name, prep.references[key], prep.individual) for key, name in REFERENCE_ROWS.items()]
+    return [
+        correct_row(name, prep.references[key], prep.individual)
+        for key, name in REFERENCE_ROWS.items()
+        if key in prep.references
+    ]
 
 
 def dataset_info(prep: Prepared) -> dict[str, dict[str, Any]]:

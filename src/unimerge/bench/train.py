@@ -69,11 +69,11 @@ class Expert:
 
 
 def _train_recipe(kind: str, suite: Suite, tasks: Sequence[TaskData], heads: Sequence[FrozenHead],
-                  seed: int, model_sha: str, steps: int) -> dict[str, Any]:  # fmt: skip
+                  seed: int, model_sha: str, steps: int, eval_every: int) -> dict[str, Any]:  # fmt: skip
     return task_recipe(kind, tasks, seed, model_sha) | {
         "heads": [h.digest for h in heads],
         "steps": steps,
-        "eval_every": suite.eval_every,
+        "eval_every": eval_every,
         "patience": suite.patience,
         "lr": suite.lr,
         "batch_size": suite.batch_size,
@@ -84,13 +84,15 @@ def expert_recipe(
     suite: Suite, task: TaskData, head: FrozenHead, seed: int, model_sha: str
 ) -> dict[str, Any]:
     """What one expert depends on (its cache folder is named by the hash of this)."""
-    return _train_recipe("expert", suite, [task], [head], seed, model_sha, suite.steps)
+    return _train_recipe("expert", suite, [task], [head], seed, model_sha, suite.steps, suite.eval_every)
 
 
 def multitask_recipe(suite: Suite, tasks: Sequence[TaskData], heads: Sequence[FrozenHead], seed: int,
                      model_sha: str) -> dict[str, Any]:  # fmt: skip
     """What the multi-task model depends on."""
-    return _train_recipe("multitask", suite, tasks, heads, seed, model_sha, suite.mtl_steps)
+    return _train_recipe(
+        "multitask", suite, tasks, heads, seed, model_sha, suite.mtl_steps, suite.mtl_eval_every
+    )
 
 
 def _batch_stream(task: TaskData, batch_size: int, g: torch.Generator) -> Iterator[Batch]:
@@ -158,7 +160,7 @@ def _val_score(encoder: nn.Module, tasks: Sequence[TaskData], heads: Sequence[Fr
 
 @torch_threads(TRAIN_THREADS)  # a context manager made with contextlib is also a decorator
 def _fit(encoder: nn.Module, tasks: Sequence[TaskData], heads: Sequence[FrozenHead], steps: int, suite: Suite,
-         seed: int, tick: Tick | None) -> _Best:  # fmt: skip
+         seed: int, tick: Tick | None, eval_every: int | None = None) -> _Best:  # fmt: skip
     """Train ``encoder`` through the frozen ``heads`` cycling over ``tasks``, keeping the best
     validation state (restored into ``encoder`` at the end); see the module docstring."""
     encoder.get_parameter(f"{FROZEN}.weight").requires_grad_(False)
@@ -183,7 +185,7 @@ def _fit(encoder: nn.Module, tasks: Sequence[TaskData], heads: Sequence[FrozenHe
         opt.step()
         if tick:
             tick(1)
-        if (step + 1) % suite.eval_every == 0 and not best.update(
+        if (step + 1) % (eval_every or suite.eval_every) == 0 and not best.update(
             step + 1, _val_score(encoder, tasks, heads), encoder, trainable
         ):
             break
@@ -196,16 +198,17 @@ def _fit(encoder: nn.Module, tasks: Sequence[TaskData], heads: Sequence[FrozenHe
 
 
 def train_and_save(final: Path, rec: Mapping[str, Any], pretrained: Path, tasks: Sequence[TaskData],
-                   heads: Sequence[FrozenHead], steps: int, suite: Suite, seed: int,
+                   heads: Sequence[FrozenHead], suite: Suite, seed: int,
                    tick: Tick | None = None) -> None:  # fmt: skip
-    """Train an encoder through ``heads`` on ``tasks`` and save it (with its record) at ``final``."""
+    """Train an encoder through ``heads`` on ``tasks`` for ``rec``'s step cap and validation interval,
+    and save it (with its record) at ``final``."""
     from transformers import AutoTokenizer
 
     encoder = load_encoder(pretrained)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        best = _fit(encoder, tasks, heads, steps, suite, seed, tick)
+        best = _fit(encoder, tasks, heads, int(rec["steps"]), suite, seed, tick, int(rec["eval_every"]))
     seconds = time.perf_counter() - start
     states = {h.task: h.state for h in heads}
     val = evaluate(encoder, tasks, states, "val")

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from unimerge.data.datasets import RawDataset, Text
-from unimerge.data.suites import Suite, TaskSpec, split_indices
+from unimerge.data.suites import Suite, TaskSpec
 
 __all__ = ["Batch", "Split", "TaskData", "batches", "make_task"]
 
@@ -118,7 +118,7 @@ def _encode(tokenizer: Any, texts: Sequence[Text], max_len: int) -> tuple[TokenI
 
 def make_task(raw: RawDataset, spec: TaskSpec, suite: Suite, tokenizer: Any, seed: int) -> TaskData:
     """Split ``raw`` deterministically (``seed``) and tokenise each split to ``spec.max_len``."""
-    parts = split_indices(len(raw.texts), suite.n_val, suite.n_test, suite.n_train, seed)
+    parts = suite.split(spec, len(raw.texts), seed)
     labels = torch.tensor(raw.labels, dtype=torch.long)
     splits: dict[str, Split] = {}
     for key, idx in parts.items():  # test, val, train: tokenised in this order

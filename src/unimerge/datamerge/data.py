@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from unimerge.config import DataSpec, check_data_path
-from unimerge.data import SUITES, load_dataset, split_indices
+from unimerge.data import SUITES, load_dataset
 from unimerge.errors import ConfigError
 from unimerge.io.cache import sha256_file
 
@@ -239,7 +239,7 @@ def suite_task(name: str, suite_name: str, seed: int) -> tuple[tuple[Text, ...],
     suite = SUITES[suite_name]
     spec = next(t for t in suite.tasks if t.dataset == name)
     raw = load_dataset(spec.dataset)
-    train = split_indices(len(raw.texts), suite.n_val, suite.n_test, suite.n_train, seed)["train"]
+    train = suite.split(spec, len(raw.texts), seed)["train"]
     texts = tuple(raw.texts[i] for i in train)
     labels = tuple(int(raw.labels[i]) for i in train)
     return texts, labels, len(raw.classes), spec.max_len
