@@ -19,7 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import queue
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,17 +89,36 @@ def _in_workers(jobs: Sequence[_Job], workers: int, ticker: Ticker | None) -> No
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         ticks = manager.Queue()
-        bars = {j.name: ticker(j.name, j.steps) for j in jobs} if ticker else {}
-        pending: set[Future[None]] = {pool.submit(_worker, j, ticks) for j in jobs}
+        bars = {j.name: _Bar(ticker(j.name, j.steps), j.steps) for j in jobs} if ticker else {}
+        pending = {pool.submit(_worker, j, ticks): j for j in jobs}
         while pending:
-            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             _drain(ticks, bars)
             for f in finished:
+                job = pending.pop(f)
                 f.result()  # a failed model stops the run with its error
-        _drain(ticks, bars)
+                if job.name in bars:
+                    bars[job.name].finish()
 
 
-def _drain(ticks: Any, bars: dict[str, Tick]) -> None:
+@dataclass
+class _Bar:
+    """A progress bar advanced by training steps; early stopping ends it before its total."""
+
+    tick: Tick
+    total: int
+    done: int = 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        self.tick(n)
+
+    def finish(self) -> None:
+        self.tick(max(0, self.total - self.done))
+        self.done = self.total
+
+
+def _drain(ticks: Any, bars: dict[str, _Bar]) -> None:
     while True:
         try:
             name, n = ticks.get_nowait()
@@ -117,7 +136,10 @@ def train_missing(jobs: Sequence[_Job], workers: int, ticker: Ticker | None) -> 
         _in_workers(todo, min(workers, len(todo)), ticker)
         return
     for job in todo:
-        _train(job, ticker(job.name, job.steps) if ticker else None)
+        bar = _Bar(ticker(job.name, job.steps), job.steps) if ticker else None
+        _train(job, bar)
+        if bar:
+            bar.finish()
 
 
 def expert_jobs(root: Path, pretrained: Path, tasks: Sequence[TaskData], heads: Sequence[FrozenHead],
