@@ -82,8 +82,9 @@ def _base_and_expert(seed: int = 0) -> tuple[dict[str, Tensor], dict[str, Tensor
 
 
 def _top(tau: Tensor, fraction: float) -> Tensor:
-    """``tau`` on its ``int(fraction * numel)`` entries of largest magnitude, zero elsewhere."""
-    k = int(fraction * tau.numel())
+    """``tau`` on its ``max(1, int(fraction * numel))`` entries of largest magnitude (the TIES trim keeps at
+    least one, as mergekit 0.1.5), zero elsewhere."""
+    k = max(1, int(fraction * tau.numel()))
     keep = torch.zeros(tau.numel(), dtype=torch.bool)
     keep[tau.abs().reshape(-1).argsort(descending=True)[:k]] = True
     return tau * keep.reshape(tau.shape)

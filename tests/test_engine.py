@@ -89,7 +89,8 @@ def test_gradient_and_filter_parameters_follow_mergekit(models, tmp_path) -> Non
     run_merge(cfg, tmp_path / "o", RunOptions())
     got = load_all_tensors(tmp_path / "o")
     base, e1 = load_all_tensors(models["base"]), load_all_tensors(models["e1"])
-    # 2 layers: t = 0 for layer 0 (lambda 1.0), t = 1 for layer 1 (lambda 0.0); embeddings t=0, norm t=1
+    # 2 layers: t = 0 for layer 0 (lambda 1.0), t = 1 for layer 1 (lambda 0.0); every tensor outside the
+    # layers has t = 0, embeddings and final norm alike (mergekit 0.1.5 plans both with ConfigReader(t=0))
     q0 = "model.layers.0.self_attn.q_proj.weight"
     torch.testing.assert_close(got[q0], base[q0] + 0.25 * (e1[q0] - base[q0]))
     up0 = "model.layers.0.mlp.up_proj.weight"
@@ -98,7 +99,8 @@ def test_gradient_and_filter_parameters_follow_mergekit(models, tmp_path) -> Non
     torch.testing.assert_close(got[up1], base[up1])
     emb = "model.embed_tokens.weight"
     torch.testing.assert_close(got[emb], e1[emb])
-    torch.testing.assert_close(got["model.norm.weight"], base["model.norm.weight"])
+    torch.testing.assert_close(got["model.norm.weight"], e1["model.norm.weight"])
+    torch.testing.assert_close(got["lm_head.weight"], e1["lm_head.weight"])
 
 
 def test_evaluate_setting_interpolates_like_mergekit() -> None:
@@ -107,6 +109,8 @@ def test_evaluate_setting_interpolates_like_mergekit() -> None:
     assert evaluate_setting([{"filter": "mlp", "value": 2}, {"value": 3}], "a.mlp.b", 0.0) == 2
     assert evaluate_setting([{"filter": "mlp", "value": 2}, {"value": 3}], "a.attn.b", 0.0) == 3
     assert evaluate_setting(0.7, "x", 0.3) == 0.7
+    # mergekit: filter "*" matches every tensor
+    assert evaluate_setting([{"filter": "*", "value": 2}, {"value": 3}], "a.attn.b", 0.0) == 2
 
 
 def test_out_dtype_and_loadable_by_transformers(models, tmp_path) -> None:

@@ -38,10 +38,12 @@ def test_matches_kthvalue_over_the_concatenated_model(density: float) -> None:
         assert int((flat[i] >= th[i]).sum()) == k
 
 
-def test_edges_keep_all_or_nothing() -> None:
-    x = torch.randn(2, 10)
-    th = global_magnitude_threshold(_stream([x]), torch.tensor([1.0, 0.05]))
-    assert th[0] == 0.0 and th[1] == float("inf")  # int(0.05 * 10) == 0 entries kept
+def test_edges_keep_all_or_at_least_one() -> None:
+    x = torch.tensor([[0.5, -2.0, 1.0, 0.25, 3.0], [0.5, -2.0, 1.0, 0.25, -3.0]])
+    th = global_magnitude_threshold(_stream([x[:, :2], x[:, 2:]]), torch.tensor([1.0, 0.05]))
+    # density 1 keeps everything; int(0.05 * 5) == 0, raised to 1 as the per-tensor trim: the largest |x|
+    assert th[0] == 0.0 and th[1] == 3.0
+    assert int((x[1].abs() >= th[1]).sum()) == 1
 
 
 def test_ties_global_trim_keeps_the_models_top_entries_across_tensors(tmp_path) -> None:

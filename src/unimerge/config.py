@@ -178,9 +178,18 @@ class SourceSpec(ModelSpec):
 
 
 class SliceSpec(_Strict):
-    """A run of output layers built from one or more sources with equally long layer ranges."""
+    """A run of output layers built from one or more sources with equally long layer ranges.
+
+    ``parameters`` (mergekit's slice-level settings) take precedence over the config's ``parameters:``
+    for this slice's tensors.
+    """
 
     sources: list[SourceSpec] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Method parameters for this slice's tensors, taking precedence over the config's "
+        "`parameters:` (mergekit's slice-level settings).",
+    )
 
     @model_validator(mode="after")
     def _same_length(self) -> SliceSpec:
@@ -240,6 +249,11 @@ class MergeConfig(_Strict):
         if any(m.task is not None for m in self.model_specs()):
             raise ValueError("`task:` on a model is only used by data-aware methods (with a `data:` section)")
         _validate_settings(info, self.parameters, [m.parameters for m in self.model_specs()])
+        for sl in self.slices or []:
+            if sl.parameters:
+                _validate_settings(
+                    info, {**self.parameters, **sl.parameters}, [s.parameters for s in sl.sources]
+                )
         return self
 
     @property
@@ -337,7 +351,7 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
     if isinstance(setting, list) and all(isinstance(e, dict) for e in setting):
         for cond in setting:
             flt = cond.get("filter")
-            if not flt or flt in tensor_name:
+            if not flt or flt == "*" or flt in tensor_name:  # mergekit: "*" matches every tensor
                 return evaluate_setting(cond.get("value"), tensor_name, t)
         return None
     raise ConfigError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +29,9 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 _VOCAB_HINTS = ("embed_tokens", "lm_head", "word_embeddings", "wte", "embed_out", "output.weight")
 _Spec = TypeVar("_Spec", bound=ModelSpec)  # a model or a slice source
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Methods without a separate base that mergekit gives an unlisted `base_model` as one more input, and the
+# per-model parameters the global `parameters:` must then set (mergekit requires them of every input).
+_BASE_JOINS_WITH: dict[str, tuple[str, ...]] = {"karcher": (), "linear": ("weight",)}
 
 
 @dataclass(frozen=True)
@@ -93,11 +96,23 @@ def layer_index(name: str) -> int | None:
 
 
 def _position(name: str, n_layers: int) -> float:
-    """mergekit's ``t``: layer / (n_layers - 1); embeddings 0; final norm / heads 1."""
+    """mergekit 0.1.5's ``t`` for gradients: ``layer / (n_layers - 1)`` (1 for a single layer) inside the
+    layer stack, 0 for every tensor outside it.
+
+    mergekit plans the tensors before the layers (embeddings) and after them (final norm, ``lm_head``)
+    with the module's ``ConfigReader(t=0)`` (``mergekit/plan.py::plan_module``), so a gradient such as
+    ``t: [0, 0.5, 1]`` gives them its first value, not its last.
+    """
     idx = layer_index(name)
     if idx is not None:
         return idx / (n_layers - 1) if n_layers > 1 else 1.0
-    return 0.0 if "embed" in name or name.endswith(("wte.weight", "wpe.weight")) else 1.0
+    return 0.0
+
+
+def _before_layers(name: str) -> bool:
+    """A tensor read from the first slice's sources (embeddings); the others outside the layers come from
+    the last slice's."""
+    return "embed" in name or name.endswith(("wte.weight", "wpe.weight"))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -171,19 +186,47 @@ def _check_shapes(items: Sequence[tuple[str, Sequence[tuple[str, TensorMeta]]]])
         )
 
 
+def _first_set(scopes: Sequence[Mapping[str, Any]], key: str, name: str, t: float) -> Any:
+    """The first non-``None`` value of setting ``key`` over ``scopes`` (highest precedence first)."""
+    for sc in scopes:
+        if key in sc and (value := evaluate_setting(sc[key], name, t)) is not None:
+            return value
+    return None
+
+
 class _Params:
     """Resolve + validate parameters per tensor, caching by resolved values."""
 
-    def __init__(self, config: MergeConfig) -> None:
+    def __init__(
+        self,
+        config: MergeConfig,
+        scope: Mapping[str, Any] | None = None,
+        cache: dict[str, tuple[BaseModel, tuple[BaseModel, ...]]] | None = None,
+    ) -> None:
         self.info = config.method
         self.config = config
-        self._cache: dict[str, tuple[BaseModel, tuple[BaseModel, ...]]] = {}
+        self.scope = scope or {}
+        self._cache: dict[str, tuple[BaseModel, tuple[BaseModel, ...]]] = {} if cache is None else cache
+
+    def for_slice(self, parameters: Mapping[str, Any]) -> _Params:
+        """The resolver inside a slice: its ``parameters:`` take precedence over the config's."""
+        return _Params(self.config, parameters, self._cache)
 
     def __call__(
-        self, name: str, t: float, specs: Sequence[ModelSpec]
+        self, name: str, t: float, specs: Sequence[ModelSpec], inputs: Sequence[str] | None = None
     ) -> tuple[BaseModel, tuple[BaseModel, ...]]:
-        g = {k: evaluate_setting(v, name, t) for k, v in self.config.parameters.items()}
-        m = [{k: evaluate_setting(v, name, t) for k, v in s.parameters.items()} for s in specs]
+        """Global parameters for output tensor ``name``, each model's for its input tensor ``inputs[i]``
+        (``name`` by default): in ``slices:`` a source's filters see its own layer numbers, as in mergekit.
+        A global setting is looked up in the slice's ``parameters:``, then the config's; one whose filters
+        match nothing falls through to the next, as mergekit resolves them.
+        """
+        names = list(inputs) if inputs is not None else [name] * len(specs)
+        scopes = [self.scope, self.config.parameters]
+        g = {k: _first_set(scopes, k, name, t) for k in dict.fromkeys(k for sc in scopes for k in sc)}
+        m = [
+            {k: evaluate_setting(v, n, t) for k, v in s.parameters.items()}
+            for s, n in zip(specs, names, strict=True)
+        ]
         g = {k: v for k, v in g.items() if v is not None}
         m = [{k: v for k, v in d.items() if v is not None} for d in m]
         key = repr((sorted(g.items()), [sorted(d.items()) for d in m]))
@@ -238,11 +281,37 @@ def _merged_models(info: MethodInfo, specs: Sequence[_Spec], base_ref: str | Non
     return keep
 
 
+def _with_unlisted_base(
+    info: MethodInfo, config: MergeConfig, specs: list[ModelSpec], warnings: list[str]
+) -> list[ModelSpec]:
+    """``specs`` plus the base model where mergekit 0.1.5 merges a ``base_model`` missing from ``models:``.
+
+    mergekit adds such a base as one more input ("Base model specified but not in input models -
+    adding") with the global ``parameters:`` as its per-model ones. That succeeds for ``karcher`` (no
+    per-model parameters) and for ``linear`` when the global section sets ``weight``; otherwise mergekit
+    stops (a missing ``weight``, or a second input to ``passthrough``), and here the base is left out,
+    as before. Methods that take a separate base never get it among the merged models.
+    """
+    base = config.base_model
+    required = _BASE_JOINS_WITH.get(info.name)
+    if base is None or required is None or any(s.model == base for s in specs):
+        return specs
+    if not set(required) <= set(config.parameters):
+        return specs
+    warnings.append(
+        f"base_model {base!r} is not among `models:`: merged as one more model with the global `parameters:`, "
+        f"as mergekit does ({info.name!r} takes no separate base)"
+    )
+    return [*specs, ModelSpec(model=base)]
+
+
 def _model_jobs(
     config: MergeConfig, cks: list[Checkpoint], index: dict[str, int], base: int | None, warnings: list[str]
 ) -> list[TensorJob]:
     info = config.method
-    specs = _merged_models(info, config.models or [], config.base_model)
+    specs = _with_unlisted_base(
+        info, config, _merged_models(info, config.models or [], config.base_model), warnings
+    )
     used = sorted({index[s.model] for s in specs} | ({base} if base is not None else set()))
     metas = [cks[i].tensors() for i in range(len(cks))]
     ref_idx = base if base is not None else index[specs[0].model]
@@ -313,14 +382,15 @@ def _slice_jobs(
                 f"slices[{k}]: method {info.name!r} needs the base model among the slice's sources."
             )
         length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        scoped = resolve.for_slice(sl.parameters)
         if k == 0:
-            jobs += _edge_jobs(config, cks, index, specs, base_src, pre=True, resolve=resolve)
+            jobs += _edge_jobs(config, cks, index, specs, base_src, pre=True, resolve=scoped)
         for i in range(length):
             t = i / (length - 1) if length > 1 else 1.0
-            jobs += _layer_jobs(config, cks, index, specs, base_src, i, offset + i, t, resolve)
+            jobs += _layer_jobs(config, cks, index, specs, base_src, i, offset + i, t, scoped)
         offset += length
         if k == len(slices) - 1:
-            jobs += _edge_jobs(config, cks, index, specs, base_src, pre=False, resolve=resolve)
+            jobs += _edge_jobs(config, cks, index, specs, base_src, pre=False, resolve=scoped)
     return jobs, offset
 
 
@@ -372,7 +442,7 @@ def _layer_jobs(
         if b is not None:
             metas.append((cks[b.model].ref, cks[b.model].tensors()[b.name]))
         _check_shapes([(name, metas)])
-        p, pm = resolve(pattern.format(out_layer), t, specs)
+        p, pm = resolve(pattern.format(out_layer), t, specs, [src.name for src in srcs])
         jobs.append(
             TensorJob(
                 pattern.format(out_layer),
@@ -402,7 +472,7 @@ def _edge_jobs(
     ref = cks[index[specs[0].model]]
     jobs = []
     for name, meta in ref.tensors().items():
-        if layer_index(name) is not None or (_position(name, 2) == 0.0) != pre:
+        if layer_index(name) is not None or _before_layers(name) != pre:
             continue
         srcs = tuple(Source(index[s.model], name) for s in specs)
         b = Source(index[base_src.model], name) if base_src is not None and info.uses_base else None
@@ -411,6 +481,6 @@ def _edge_jobs(
         if len(entries) < len(found):
             raise PlanError(f"Tensor {name!r} is missing from {[r for r, m in found if m is None]}.")
         _check_shapes([(name, entries)])
-        p, pm = resolve(name, 0.0 if pre else 1.0, specs)
+        p, pm = resolve(name, 0.0, specs)  # t = 0 outside the layers, as mergekit (see _position)
         jobs.append(TensorJob(name, meta.shape, _out_dtype(config, meta), srcs, b, p, pm))
     return jobs

@@ -34,15 +34,19 @@ def _select(hist: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def global_magnitude_threshold(deltas: Callable[[], Iterator[tuple[str, Tensor]]], density: Tensor) -> Tensor:
-    """Magnitude of each model's ``k = int(density * numel)``-th largest entry over the whole model.
+    """Each model's ``k``-th largest magnitude over the whole model, ``k = max(1, int(density * numel))``.
+
+    ``k`` is at least 1, as in the per-tensor trim (:func:`unimerge.methods.primitives.trim_count`): a
+    model of fewer than ``1 / density`` entries keeps its largest entry (and its exact ties) rather than
+    nothing.
 
     Args:
         deltas: yields ``(name, x)`` with ``x`` ``(n, *shape)`` for every tensor; called twice.
-        density: ``(n,)`` fraction of each model's entries to keep.
+        density: ``(n,)`` fraction of each model's entries to keep, in ``(0, 1]``.
 
     Returns:
         ``(n,)`` thresholds: keeping ``|tau| >= threshold`` keeps the top ``k`` entries (plus exact ties);
-        0 where ``density >= 1``, ``inf`` where ``k == 0``.
+        0 where ``density >= 1``; ``inf`` only for a model without entries.
     """
     n = density.numel()
     hi = torch.zeros(n, _BINS, dtype=torch.int64)
@@ -51,7 +55,7 @@ def global_magnitude_threshold(deltas: Callable[[], Iterator[tuple[str, Tensor]]
         bits = _bits(x)  # (n, m)
         total += bits.shape[1]
         hi.scatter_add_(1, bits >> 16, torch.ones_like(bits))
-    k = (density.double() * total).floor().to(torch.int64).clamp(max=total)  # (n,)
+    k = (density.double() * total).floor().to(torch.int64).clamp(min=min(total, 1), max=total)  # (n,)
     top, above = _select(hi, k)
     lo = torch.zeros(n, _BINS, dtype=torch.int64)
     for _, x in deltas():

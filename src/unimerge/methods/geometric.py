@@ -314,11 +314,14 @@ def model_stock_ratio(x: Tensor, filter_wise: bool = False) -> Tensor:
 
     ``cos θ`` is the mean over pairs ``i < j`` of the cosine between task vectors ``i`` and ``j``
     (mergekit's choice for ``N > 2``; the paper's two-model case is exact); norm products are clamped
-    at ``1e-6`` and cosines to ``[-1, 1]``.
+    at ``1e-6`` and cosines to ``[-1, 1]``. Where the denominator vanishes (``|1 + (N-1) cos θ| < 1e-6``:
+    task vectors pointing in opposite directions, e.g. ``τ`` and ``-τ``) there is no finite estimate and
+    ``t = 0`` keeps the base, as mergekit 0.1.5 does.
 
     Args:
         x: Task vectors ``(n, *shape)``, ``n >= 2``.
-        filter_wise: One ratio per vector along the last dimension (1-D tensors: one ratio).
+        filter_wise: One ratio per vector along the last dimension (1-D tensors: one row, one ratio;
+            a tensor with one column: one ratio per entry).
 
     Returns:
         ``(rows,)`` ratios: one row for the whole tensor, or ``prod(shape[:-1])`` rows if filter-wise.
@@ -330,7 +333,9 @@ def model_stock_ratio(x: Tensor, filter_wise: bool = False) -> Tensor:
     denom = (norms[:, :, None] * norms[:, None, :]).clamp(min=1e-6)
     i, j = torch.triu_indices(n, n, offset=1, device=x.device)
     cos = (gram / denom).clamp(-1, 1)[:, i, j].mean(dim=-1)  # (r,)
-    return n * cos / (1 + (n - 1) * cos)
+    denominator = 1 + (n - 1) * cos  # (r,)
+    singular = denominator.abs() < 1e-6
+    return torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
 
 
 @register_method(
@@ -353,7 +358,8 @@ def model_stock(
 
     ``x`` is the task vectors ``(n, *shape)`` (the engine adds the base back), ``n >= 2``. As in the
     paper and mergekit the average is uniform: per-model weights are unused. ``N`` copies of one
-    expert give ``cos θ = 1``, ``t = 1``: the expert.
+    expert give ``cos θ = 1``, ``t = 1``: the expert; opposed experts (``1 + (N-1) cos θ = 0``) give
+    the base.
     """
     n = x.shape[0]
     if n < 2:
@@ -395,14 +401,14 @@ def nearswap(
     """Per entry, ``base + w (other - base)`` with ``w = clamp(t / |base - other|, 0, 1)``.
 
     Entries closer than ``t`` are taken from the other model, distant ones stay near the base; equal
-    entries (``0/0``) take the other model's value. Only two models: the base and one other. An
-    expert equal to the base is returned unchanged; a different base is, by design, only partly
-    swapped towards the expert, so the result is not the expert.
+    entries take the other model's value. ``|base - other|`` is clamped at ``1e-6`` first, as mergekit
+    does (so with ``t < 1e-6`` entries closer than ``1e-6`` move by ``t / 1e-6``). Only two models: the
+    base and one other. An expert equal to the base is returned unchanged; a different base is, by
+    design, only partly swapped towards the expert, so the result is not the expert.
     """
     _one_other_model("nearswap", x)
     if base is None:
         raise ConfigError("Method 'nearswap' needs a base model: set `base_model:`.")
     other = x[0]  # (*shape)
-    w = params.t / (base - other).abs()
-    w = torch.nan_to_num(w, nan=1.0, posinf=1.0, neginf=1.0).clamp(0.0, 1.0)
+    w = (params.t / (base - other).abs().clamp(min=1e-6)).clamp(0.0, 1.0)
     return w * other + (1 - w) * base

@@ -229,7 +229,12 @@ def consensus_ties(
     base: Tensor | None,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """Consensus TIES: the TIES multi-task vector (disjoint *sum*, as the reference) masked by consensus."""
+    """Consensus TIES: the TIES multi-task vector (disjoint *sum*, as the reference) masked by consensus.
+
+    The trim is TIES' (:func:`unimerge.methods.primitives.sparsify_magnitude`): each weighted task vector
+    keeps ``max(1, int(density * numel))`` entries, so a small tensor keeps its largest entry (the
+    reference code trims the flattened model and has no small tensors; ours is per tensor).
+    """
     density = torch.full((x.shape[0],), params.density)
     trimmed = sparsify_magnitude(x * expand_like(per_model["weight"], x), density)  # (n, *shape)
     tau_mtl = (trimmed * elect_sign(trimmed, "sum")).sum(dim=0)  # (*shape)
@@ -306,7 +311,9 @@ def localize_stitch(
 
     Stitching divides every mask by the number of masks covering an entry (``gamma_i / sum_k gamma_k``),
     so overlapping entries are averaged and the others added. Selected entries that are exactly zero do
-    not count as overlap.
+    not count as overlap. Each task keeps ``max(1, int(sparsity * numel))`` entries of a tensor (the TIES
+    trim, :func:`unimerge.methods.primitives.sparsify_magnitude`): a tensor under ``1 / sparsity`` entries
+    keeps its largest one rather than dropping the task.
     """
     density = torch.full((x.shape[0],), params.sparsity)
     local = sparsify_magnitude(x, density)  # (n, *shape)

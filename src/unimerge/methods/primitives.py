@@ -4,8 +4,10 @@ TIES, DARE, DELLA and Breadcrumbs are compositions of these (see ``sparsify.py``
 Every function is pure (inputs are never modified); ``x`` is always stacked over models:
 ``(n_models, *shape)``, and per-model parameters are ``(n_models,)`` tensors.
 
-Sparsifiers follow mergekit's ``mergekit/sparsify.py`` semantics (``k = int(density * numel)``,
-``density >= 1`` returns the input unchanged), with two choices of rescaling: ``norm="density"``
+Sparsifiers follow mergekit 0.1.5's ``mergekit/sparsify.py`` semantics (``density >= 1`` returns the input
+unchanged; the magnitude trim keeps ``k = max(1, int(density * numel))`` entries, so a small tensor keeps
+its largest entry; Breadcrumbs keeps ``int(density * numel)``, possibly none, as mergekit's
+``magnitude_outliers`` does), with two choices of rescaling: ``norm="density"``
 divides the kept entries by ``density`` (the DARE paper), ``norm="l1"``/``"l2"``/``"linf"`` scales
 them so the tensor keeps its norm (mergekit's ``rescale``, which uses ``l1``).
 """
@@ -41,6 +43,7 @@ __all__ = [
     "sparsify_rank_magnitude",
     "sparsify_threshold",
     "topk_mask",
+    "trim_count",
     "uniform_",
     "variance_over_models",
     "weighted_sum",
@@ -220,17 +223,27 @@ def _sparsify(
     return out
 
 
+def trim_count(density: float, numel: int) -> int:
+    """Entries the magnitude trim keeps: ``max(1, int(density * numel))`` (mergekit 0.1.5), all if
+    ``density >= 1``, none if ``density <= 0`` or the tensor is empty (16 entries at 0.05 keep 1)."""
+    if density >= 1.0 or density <= 0.0 or numel == 0:
+        return numel if density >= 1.0 else 0
+    return max(1, int(density * numel))
+
+
 def sparsify_magnitude(
     x: Tensor, density: Tensor, *, rescale: bool = False, norm: RescaleNorm = "l1", inplace: bool = False
 ) -> Tensor:
     """Keep the top ``density[i]`` fraction of entries of each ``x[i]`` by magnitude (TIES trim).
 
-    ``k = int(density * numel)`` as in the TIES reference code and mergekit; ``density >= 1`` keeps all.
+    ``k = trim_count(density, numel)``: at least one entry, as mergekit 0.1.5's ``sparsify.magnitude``
+    (a tensor under ``1 / density`` entries keeps its largest entry rather than losing its task vector).
+    Among equal magnitudes at the boundary the lowest indices are kept (mergekit: torch's unstable sort).
     """
     scores = torch.empty_like(x[0])  # (*shape), reused across models
 
     def masker(i: int, xi: Tensor, scratch: Tensor) -> Tensor:
-        k = int(fraction(density[i]) * xi.numel())
+        k = trim_count(fraction(density[i]), xi.numel())
         return topk_mask(torch.abs(xi, out=scores), k, out=scratch)
 
     return _sparsify(x, density, masker, rescale=rescale, norm=norm, inplace=inplace)
@@ -259,7 +272,9 @@ def breadcrumbs_mask(x: Tensor, density: float, gamma: float) -> Tensor:
     then the smallest, keeping ``int(density * numel)`` entries (mergekit's ``magnitude_outliers``).
 
     ``n_top = int(gamma * numel)`` largest are dropped; if that leaves fewer than the target, fewer
-    large ones are dropped so the target is always kept.
+    large ones are dropped so the target is always kept. Unlike the TIES trim's, the target is not
+    raised to 1: a tensor under ``1 / density`` entries keeps nothing, as in mergekit 0.1.5's
+    ``magnitude_outliers`` (kept band ``sorted[n_bot : n_bot + target]``; ``gamma: 0``: the top ``target``).
     """
     n = x.numel()
     target = int(density * n)

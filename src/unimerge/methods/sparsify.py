@@ -26,12 +26,15 @@ the sign-agreement mask (all ones without consensus: :func:`linear_combine`; TIE
 where it is 0). ``int8_mask`` is accepted and changes nothing in float32; ``task_arithmetic`` accepts
 ``density`` and ``rescale`` as mergekit does, and like mergekit ignores them.
 
-Deliberate differences from mergekit: Breadcrumbs keeps its middle band when ``int(gamma * numel)``
-is 0 (mergekit's slice ``[n_bot:-0]`` is empty, which zeroes the whole task vector of any tensor
-under ``1/gamma`` entries, or of every tensor when ``gamma: 0``); DELLA gives a row of length 1 keep
-probability ``density`` (mergekit divides 0 by 0); among equal magnitudes the lowest indices are
-kept (mergekit: whatever ``argsort`` returns); random masks come from the per-tensor generator, so
-they are reproducible and have mergekit's distribution but not its (global-RNG) draws.
+Small tensors as in mergekit 0.1.5: the TIES trim keeps at least one entry (``max(1, int(density *
+numel))``), Breadcrumbs keeps ``int(density * numel)`` (none under ``1 / density`` entries).
+``benchmarks/mergekit_parity.py`` runs every method through both tools. Deliberate differences from
+mergekit: DELLA gives a row of length 1 keep probability ``density`` (mergekit divides 0 by 0 and stops);
+among equal magnitudes at a trim boundary the lowest indices are kept (mergekit: the order of torch's
+unstable CPU ``argsort``, which depends on the whole tensor and differs on CUDA; reproducing it would
+take a full sort of every such tensor); random masks come from the per-tensor generator, so they are
+reproducible and have mergekit's distribution but not its (global-RNG) draws; bf16 inputs are computed
+in fp32 and rounded once (mergekit rounds to bf16 after every step).
 
 Papers: task arithmetic, Ilharco et al. 2023 (https://arxiv.org/abs/2212.04089); TIES, Yadav et al.
 2023 (https://arxiv.org/abs/2306.01708); DARE, Yu et al. 2024 (https://arxiv.org/abs/2311.03099);
