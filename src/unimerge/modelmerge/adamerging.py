@@ -34,8 +34,10 @@ from unimerge.modelmerge.stats import autocast, check_experts, count, draw, fini
 __all__ = [
     "AdaMergingParams",
     "AdaResult",
+    "FunctionalView",
     "adamerge",
     "entropy",
+    "entropy_step",
     "layer_wise_adamerging",
     "task_wise_adamerging",
 ]
@@ -71,7 +73,7 @@ class AdaResult:
     examples: int
 
 
-class _Functional(nn.Module):
+class FunctionalView(nn.Module):
     """Calls ``inner`` with some tensors replaced (``functional_call``); other attributes from ``inner``."""
 
     def __init__(self, inner: nn.Module, tensors: Mapping[str, Tensor]) -> None:
@@ -104,7 +106,7 @@ def _merged(base: Mapping[str, Tensor], taus: Mapping[str, Tensor], lam: Tensor)
     return out
 
 
-def _step_grads(
+def entropy_step(
     problem: MergeProblem,
     module: nn.Module,
     merged: Mapping[str, Tensor],
@@ -112,13 +114,14 @@ def _step_grads(
     step: int,
     bf16: bool,
 ) -> float:
-    """Backpropagate the summed entropy of one batch per task into the coefficients; returns it.
+    """Backpropagate the summed entropy of one batch per task into whatever ``merged`` was computed
+    from (AdaMerging's coefficients, AdaRank's masks too); returns the summed entropy.
 
     Each task's backward stops at detached copies of the merged tensors, whose gradients add up;
-    the merge itself (``base + sum_k lambda_k tau_k``) is then backpropagated once per step.
+    the merge itself is then backpropagated once per step (one task's activations held at a time).
     """
     leaves = {k: v.detach().requires_grad_() for k, v in merged.items()}
-    view = _Functional(module, leaves)
+    view = FunctionalView(module, leaves)
     acc: dict[str, Tensor] = {}
     total = 0.0
     for t, batches in enumerate(data):
@@ -157,7 +160,7 @@ def adamerge(
     for step in range(params.steps):
         opt.zero_grad(set_to_none=True)
         merged = _merged(base, taus, lam)
-        history.append(_step_grads(problem, module, merged, data, step, params.bf16))
+        history.append(entropy_step(problem, module, merged, data, step, params.bf16))
         opt.step()
         with torch.no_grad():
             lam.clamp_(params.lower, params.upper)

@@ -39,13 +39,12 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 
-from unimerge.methods import Batch, MergedModel, MergeProblem, register_model_method
+from unimerge.methods import MergedModel, MergeProblem, register_model_method
 from unimerge.methods.subspace import thin_svd
-from unimerge.modelmerge.adamerging import entropy
-from unimerge.modelmerge.stats import autocast, check_experts, count, draw, finish, work_module
+from unimerge.modelmerge.adamerging import entropy_step
+from unimerge.modelmerge.stats import check_experts, count, draw, finish, work_module
 
 __all__ = [
     "LOGIT",
@@ -192,53 +191,6 @@ def merge(
     return out
 
 
-class _View(nn.Module):
-    """Calls ``inner`` with some tensors replaced (``functional_call``); holds neither as a submodule."""
-
-    inner: nn.Module
-    tensors: dict[str, Tensor]
-
-    def __init__(self, inner: nn.Module, tensors: Mapping[str, Tensor]) -> None:
-        super().__init__()
-        object.__setattr__(self, "inner", inner)
-        object.__setattr__(self, "tensors", dict(tensors))
-        self.config = getattr(inner, "config", None)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return functional_call(self.inner, self.tensors, args, kwargs, strict=False)
-
-
-def _entropy_step(
-    problem: MergeProblem,
-    module: nn.Module,
-    merged: Mapping[str, Tensor],
-    data: list[list[Batch]],
-    step: int,
-    bf16: bool,
-) -> float:
-    """Backpropagate the summed entropy of one batch per task into the merge's parameters; returns it.
-
-    Each task's backward stops at detached copies of the merged tensors, whose gradients add up; the
-    merge is then backpropagated once (one task's activations held at a time).
-    """
-    leaves = {k: v.detach().requires_grad_() for k, v in merged.items()}
-    view = _View(module, leaves)
-    grads: dict[str, Tensor] = {}
-    total = 0.0
-    for t, batches in enumerate(data):
-        with autocast(problem.device, bf16):
-            loss = entropy(problem.logits(view, t, batches[step % len(batches)]))
-        for k, g in zip(
-            leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True), strict=True
-        ):
-            if g is not None:
-                grads[k] = grads[k] + g if k in grads else g
-        total += float(loss.detach())
-    if grads:
-        torch.autograd.backward([merged[k] for k in grads], list(grads.values()))
-    return total
-
-
 @dataclass(frozen=True)
 class AdaRankResult:
     """What :func:`adarank` learned: the merged state, coefficients ``(n, names)``, mask logits, entropies."""
@@ -268,7 +220,7 @@ def adarank(problem: MergeProblem, params: AdaRankParams) -> AdaRankResult:
     for step in range(params.steps if spectra.names else 0):
         opt.zero_grad(set_to_none=True)
         merged = merge(spectra, lam, logits, params.temperature, hard=False)
-        history.append(_entropy_step(problem, module, merged, data, step, params.bf16))
+        history.append(entropy_step(problem, module, merged, data, step, params.bf16))
         opt.step()
     with torch.no_grad():
         final = merge(spectra, lam, logits, params.temperature, hard=True)

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -45,7 +45,7 @@ from unimerge.modelmerge._moe import (
     task_vectors,
 )
 from unimerge.modelmerge.stats import autocast, check_experts, count, draw
-from unimerge.modelmerge.surgery import SurgeryAdapter, SurgeryModule, replace_hidden
+from unimerge.modelmerge.surgery import SurgeryAdapter, SurgeryModule, SurgeryParams, replace_hidden
 
 __all__ = [
     "BLOCKS",
@@ -68,21 +68,12 @@ BLOCKS: tuple[str, ...] = (r"(^|\.)(layer|layers|h|blocks|resblocks)\.\d+$",)
 Row = tuple[Batch, list[Tensor], Tensor]
 
 
-class SurgeryV2Params(BaseModel):
-    """SurgeryV2's hyperparameters."""
+class SurgeryV2Params(SurgeryParams):
+    """SurgeryV2's hyperparameters: Surgery's, and which blocks get a surgery module."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
-    lambda_: float = Field(
-        default=0.3, alias="lambda", ge=0.0, le=10.0, description="task-arithmetic scaling"
-    )
-    rank: int = Field(default=16, ge=1, le=4096, description="rank of each surgery module")
-    steps: int = Field(default=200, ge=0, le=100000, description="Adam steps per task")
-    lr: float = Field(default=1e-3, gt=0.0, le=1.0, description="Adam learning rate")
-    batch_size: int = Field(default=16, ge=1, le=4096, description="examples per step")
     layers: tuple[str, ...] = Field(
         default=BLOCKS, min_length=1, max_length=32, description="regexes of the block names to operate after"
     )
-    bf16: bool = Field(default=True, description="bf16 autocast for the forward passes")
 
 
 def block_names(module: nn.Module, layers: Sequence[str]) -> list[str]:
