@@ -165,3 +165,48 @@ def test_report_renders_in_headless_chromium(tmp_path):
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a blank page compresses to ~5 KB
     shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_run_scaling_reuses_earlier_subsets_and_normalizes_on_the_same_examples():
+    """Subsets found in ``reuse`` are copied (a merge would fail here); the full set reads the row's
+    own correctness cut to ``scaling_test`` examples, normalized by the experts on those examples."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from unimerge.bench.runner import run_scaling
+    from unimerge.bench.scores import pack_correct
+
+    names = ["a", "b", "c"]
+    suite = SimpleNamespace(scaling_subsets=3, scaling_test=2, scaling_methods=("ties",))
+    model = torch.nn.Linear(1, 1)
+    individual = {
+        "a": torch.tensor([1, 1, 0, 0]),
+        "b": torch.tensor([1, 0, 1, 1]),
+        "c": torch.tensor([1, 1, 1, 1]),
+    }
+    prep = SimpleNamespace(
+        suite=suite,
+        seed=0,
+        tasks=[SimpleNamespace(name=n) for n in names],
+        references={"individual": {k: v.bool() for k, v in individual.items()}},
+        model=model,
+        base=model.state_dict(),
+    )
+    row_correct = {"a": [1, 0, 0, 0], "b": [0, 0, 1, 1], "c": [1, 1, 0, 0]}
+    row = {
+        "method": "ties",
+        "correct": {k: pack_correct(torch.tensor(v).bool()) for k, v in row_correct.items()},
+    }
+    earlier = [
+        {"n_tasks": 2, "tasks": list(pair), "avg": 0.5, "normalized_avg": 0.6}
+        for pair in (("a", "b"), ("a", "c"), ("b", "c"))
+    ]
+    out = run_scaling(prep, [row], reuse={"ties": earlier})  # type: ignore[arg-type]
+    records = out["ties"]
+    assert records[:3] == earlier
+    full = records[3]
+    assert full["tasks"] == names
+    # first 2 examples: row a=0.5, b=0.0, c=1.0; experts a=1.0, b=0.5, c=1.0
+    assert full["avg"] == pytest.approx(0.5)
+    assert full["normalized_avg"] == pytest.approx((0.5 / 1.0 + 0.0 / 0.5 + 1.0 / 1.0) / 3)

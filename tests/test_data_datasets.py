@@ -12,6 +12,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 
 from unimerge.bench.model import load_tokenizer, pretrained_dir
 from unimerge.data import DATASETS, SUITES, Archive, fetch_archive, load_dataset, make_task, split_indices
@@ -153,3 +154,16 @@ def test_make_task_tokenises_pairs_within_max_len():
     batch = next(task.labeled(8, batch_size=4))
     assert batch["input_ids"].shape[0] == 4 and batch["labels"].shape == (4,)
     assert "labels" not in next(task.unlabeled(8, batch_size=4))
+
+
+def test_split_head_and_with_test_keep_the_first_examples_in_order():
+    from unimerge.data.tasks import Split, TaskData
+
+    ids = ((101, 5, 102), (101, 6, 7, 102), (101, 102))
+    split = Split(("a", "b", "c"), torch.tensor([0, 1, 0]), ids, tuple(tuple(0 for _ in i) for i in ids))
+    head = split.head(2)
+    assert head.texts == ("a", "b") and head.labels.tolist() == [0, 1] and head.input_ids == ids[:2]
+    assert split.head(None) is split and split.head(3) is split and split.head(10) is split
+    task = TaskData("t", ("x", "y"), False, 8, split, split, split)
+    cut = task.with_test(1)
+    assert len(cut.test) == 1 and cut.train is split and cut.val is split and len(task.test) == 3

@@ -90,6 +90,7 @@ def _skeleton(prep: Prepared, started: float) -> dict[str, Any]:
         "experts": {t: str(e.path) for t, e in zip(names, prep.experts, strict=True)},
         "training": {t: _training(e.meta) for t, e in zip(names, prep.experts, strict=True)},
         "seed": prep.seed,
+        "scaling_test": prep.suite.scaling_test,
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": _machine(),
         "complete": False,
@@ -117,13 +118,17 @@ def _training(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: meta.get(k) for k in ("best_step", "val_history", "train_seconds")}
 
 
-def _reusable_rows(paths: Sequence[Path], results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Finished rows (and skips) of earlier runs of the same suite, seed and experts, by method.
+def _reusable_rows(
+    paths: Sequence[Path], results: dict[str, Any]
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Finished rows of earlier runs of the same suite, seed and experts, by method, and their
+    task-scaling records (where the runs read the same number of test examples per point).
 
     Raises:
         ConfigError: a ``results.json`` that is missing, unreadable or from another setup.
     """
     rows: dict[str, dict[str, Any]] = {}
+    scaling: dict[str, list[dict[str, Any]]] = {}
     for path in paths:
         file = path / "results.json" if path.is_dir() else path
         try:
@@ -142,7 +147,10 @@ def _reusable_rows(paths: Sequence[Path], results: dict[str, Any]) -> dict[str, 
             )
         for row in old.get("rows", []):
             rows.setdefault(row["method"], row)
-    return rows
+        if old.get("scaling_test") == results["scaling_test"]:
+            for method, records in old.get("scaling", {}).items():
+                scaling.setdefault(method, records)
+    return rows, scaling
 
 
 def _same_recipe(row: dict[str, Any], info: MethodInfo) -> bool:
@@ -197,7 +205,8 @@ def run_bench(
     out.mkdir(parents=True, exist_ok=True)
     prep = prepare(suite, seed, root, console, jobs=jobs)
     results = _skeleton(prep, started)
-    done = _reusable_rows(reuse, results)
+    done, done_scaling = _reusable_rows(reuse, results)
+    reused_scaling: dict[str, list[dict[str, Any]]] = {}  # method -> records of a reused row
     with rich_progress(console) as progress:
         bar = progress.add_task(
             "methods (grid points on validation)", total=sum(len(grid_points(i)) for i in infos)
@@ -206,6 +215,8 @@ def run_bench(
             progress.update(bar, description=f"method {info.name}")
             if info.name in done and _same_recipe(done[info.name], info):
                 row = done[info.name]
+                if info.name in done_scaling:
+                    reused_scaling[info.name] = done_scaling[info.name]
                 progress.advance(bar, len(grid_points(info)))
             else:
                 row = tune_method(prep, info, lambda n: progress.advance(bar, n))
@@ -214,7 +225,9 @@ def run_bench(
         if scaling and results["rows"]:
             n_sub = len(scaling_subsets(len(prep.tasks), suite.scaling_subsets, seed))
             bar = progress.add_task("task scaling", total=len(scaled_rows(suite, results["rows"])) * n_sub)
-            results["scaling"] = run_scaling(prep, results["rows"], lambda n: progress.advance(bar, n))
+            results["scaling"] = run_scaling(
+                prep, results["rows"], lambda n: progress.advance(bar, n), reused_scaling
+            )
             results["scaling_trend"] = {m: scaling_trend(r) for m, r in results["scaling"].items()}
     add_statistics([*results["baselines"], *results["rows"]], seed=seed)
     results["complete"] = True

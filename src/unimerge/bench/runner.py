@@ -44,7 +44,7 @@ from unimerge.bench.model import (
     load_tokenizer,
     pretrained_dir,
 )
-from unimerge.bench.scores import correct_row, summarize
+from unimerge.bench.scores import correct_row, summarize, unpack_correct
 from unimerge.bench.train import Expert, Tick
 from unimerge.core import merge_state_dicts
 from unimerge.data import DATASETS, SUITES, Suite, TaskData, load_dataset, make_task
@@ -337,9 +337,10 @@ def scaled_rows(suite: Suite, rows: Sequence[Mapping[str, Any]]) -> list[Mapping
 
 
 def _subset_accuracy(prep: Prepared, row: Mapping[str, Any], idx: Sequence[int]) -> dict[str, float]:
-    """Test accuracy per task when only the tasks ``idx`` are merged, at the row's parameters."""
+    """Test accuracy per task (on the suite's ``scaling_test`` examples of each) when only the tasks
+    ``idx`` are merged, at the row's parameters."""
     info = get_method(row["method"])
-    tasks = [prep.tasks[i] for i in idx]
+    tasks = [prep.tasks[i].with_test(prep.suite.scaling_test) for i in idx]
     if isinstance(info, ModelMethod):
         states = [prep.states[i] for i in idx]
         problem = make_problem(load_encoder(prep.pretrained), states, tasks, prep.heads, seed=prep.seed)
@@ -348,22 +349,48 @@ def _subset_accuracy(prep: Prepared, row: Mapping[str, Any], idx: Sequence[int])
     return evaluate(prep.model, tasks, prep.heads, "test")
 
 
+def _first(correct: Mapping[str, Any], k: int | None) -> dict[str, float]:
+    """Task -> accuracy over the first ``k`` examples (all if ``None``) of per-example correctness,
+    given as tensors or as :func:`pack_correct` strings."""
+    out = {}
+    for task, c in correct.items():
+        bits = torch.as_tensor(unpack_correct(c) if isinstance(c, str) else c)
+        out[task] = float(bits[:k].float().mean())
+    return out
+
+
 def run_scaling(
-    prep: Prepared, rows: Sequence[Mapping[str, Any]], tick: Tick | None = None
+    prep: Prepared,
+    rows: Sequence[Mapping[str, Any]],
+    tick: Tick | None = None,
+    reuse: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Method -> one record per task subset: ``n_tasks``, ``tasks``, ``avg``, ``normalized_avg`` (test),
-    for the rows of :func:`scaled_rows` (the full set reuses the row itself)."""
+    for the rows of :func:`scaled_rows`.
+
+    Every point reads the first ``Suite.scaling_test`` test examples of each task (a seeded random
+    sample; all when ``None``), and is normalized by the experts' accuracy on those same examples;
+    the full set reads the row's own per-example correctness instead of merging again. ``reuse``
+    gives records of an earlier run (method -> records, for rows copied with ``--reuse``): a
+    subset found there with the same tasks is not merged again.
+    """
+    k = prep.suite.scaling_test
     subsets = scaling_subsets(len(prep.tasks), prep.suite.scaling_subsets, prep.seed)
+    individual = _first(prep.references["individual"], k)
     out: dict[str, list[dict[str, Any]]] = {}
     for row in scaled_rows(prep.suite, rows):
+        earlier = {tuple(r["tasks"]): r for r in (reuse or {}).get(row["method"], [])}
         records = []
         for idx in subsets:
-            full = len(idx) == len(prep.tasks)
-            per_task = row["per_task"] if full else _subset_accuracy(prep, row, idx)
-            rec = summarize(row["method"], per_task, prep.individual)
             names = [prep.tasks[i].name for i in idx]
-            records.append({"n_tasks": len(idx), "tasks": names, "avg": rec["avg"],
-                            "normalized_avg": rec["normalized_avg"]})  # fmt: skip
+            if tuple(names) in earlier:
+                records.append(dict(earlier[tuple(names)]))
+            else:
+                full = len(idx) == len(prep.tasks)
+                per_task = _first(row["correct"], k) if full else _subset_accuracy(prep, row, idx)
+                rec = summarize(row["method"], per_task, individual)
+                records.append({"n_tasks": len(idx), "tasks": names, "avg": rec["avg"],
+                                "normalized_avg": rec["normalized_avg"]})  # fmt: skip
             if tick:
                 tick(1)
         out[row["method"]] = records

@@ -48,6 +48,7 @@ class Suite:
     patience: int = 3  # checks without improvement before an expert stops
     mtl_eval_every: int = 200  # steps between validation checks of the multi-task model
     scaling_subsets: int = 3  # random task subsets per size in --scaling
+    scaling_test: int | None = None  # test examples per task the scaling study reads (None: all)
     scaling_methods: tuple[str, ...] = (
         "linear", "task_arithmetic", "ties", "tsv_m", "iso_cts", "cart", "regmean",
     )  # fmt: skip
@@ -92,7 +93,7 @@ def _text(name: str, tasks: tuple[TaskSpec, ...], mtl_steps: int, description: s
     every head and expert in the cache."""
     return Suite(name, tasks, n_val=300, n_test=1000, n_train=2000, steps=1000, mtl_steps=mtl_steps,
                  batch_size=32, lr=1e-4, eval_every=50, patience=3, mtl_eval_every=200,
-                 description=description)  # fmt: skip
+                 scaling_test=400, description=description)  # fmt: skip
 
 
 SUITES: dict[str, Suite] = {

@@ -20,6 +20,7 @@ benchmark, and ``test`` is only used to report the chosen point.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,13 @@ class Split:
             out["labels"] = self.labels[list(idx)]
         return out
 
+    def head(self, k: int | None) -> Split:
+        """The first ``k`` examples (splits are in a seeded random order, so a random sample);
+        ``None`` or ``k >= len(self)``: the split itself."""
+        if k is None or k >= len(self):
+            return self
+        return Split(self.texts[:k], self.labels[:k], self.input_ids[:k], self.token_type_ids[:k])
+
 
 @dataclass(frozen=True)
 class TaskData:
@@ -81,6 +89,10 @@ class TaskData:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def with_test(self, k: int | None) -> TaskData:
+        """This task with its test split cut to the first ``k`` examples (:meth:`Split.head`)."""
+        return dataclasses.replace(self, test=self.test.head(k))
 
     def unlabeled(self, n: int, batch_size: int = 32, seed: int = 0) -> Iterator[Batch]:
         """Up to ``n`` training examples (seeded sample) in batches, without labels."""
