@@ -1,4 +1,4 @@
-"""The ``unimerge`` command: parse, call the library, print (merge | validate | methods | bench | masks | task)."""
+"""The ``unimerge`` command: parse, call the library, print (merge | validate | methods | moe | bench | diagnose | masks | task)."""
 
 from __future__ import annotations
 
@@ -110,9 +110,13 @@ def methods(
 
 def _register_subcommands() -> None:
     from unimerge.cli.bench import bench
+    from unimerge.cli.diagnose import diagnose
     from unimerge.cli.masks import masks, task
+    from unimerge.cli.moe import moe
 
     app.command("bench")(bench)
+    app.command("diagnose")(diagnose)
+    app.command("moe")(moe)
     app.command("masks")(masks)
     app.command("task")(task)
 
