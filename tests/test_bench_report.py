@@ -56,7 +56,7 @@ def test_grid_points_are_the_product_in_order():
 def test_scaling_subsets_are_distinct_seeded_and_end_with_the_full_set():
     subs = scaling_subsets(5, 3, seed=0)
     assert subs == scaling_subsets(5, 3, seed=0)
-    assert [len(s) for s in subs] == [2, 2, 2, 3, 3, 3, 4, 4, 4, 5]
+    assert [len(s) for s in subs] == [2, 2, 2, 4, 4, 4, 5]  # sizes 2, 4, ... and the full set
     assert len(set(subs)) == len(subs) and subs[-1] == (0, 1, 2, 3, 4)
 
 
@@ -71,7 +71,7 @@ def test_method_selection():
     assert both[0] == "ties" and both.count("ties") == 1 and set(both) == every | {"regmean"}
     assert {m.name for m in select_methods(SUITES["text8"], ["all"])} == {m.name for m in list_methods()}
     quick = {m.name: m for m in select_methods(SUITES["quick"], None)}  # its coarser grids
-    assert len(grid_points(quick["ties"])) == 4 < len(grid_points(get_method("ties")))
+    assert len(grid_points(quick["ties"])) == 6 < len(grid_points(get_method("ties")))
     with pytest.raises(ConfigError, match="Unknown merge method"):
         select_methods(SUITES["text8"], ["no_such_method"])
 
@@ -89,13 +89,13 @@ def _results() -> dict:
         "seed": 0,
         "pretrained": {"t1": 0.6, "t2": 0.5},
         "individual": {"t1": 0.9, "t2": 0.8},
-        "baselines": [summarize("pretrained (linear probe)", {"t1": 0.6, "t2": 0.5}, {"t1": 0.9, "t2": 0.8})],
+        "baselines": [summarize("pretrained (frozen heads)", {"t1": 0.6, "t2": 0.5}, {"t1": 0.9, "t2": 0.8})],
         "rows": [
             summarize("alpha_method", {"t1": 0.7, "t2": 0.6}, {"t1": 0.9, "t2": 0.8})
             | {"params": {"lambda": 1.0}, "seconds": 0.1, "grid": grid}
         ],
         "skipped": [{"method": "two_only", "reason": "needs exactly 2 models"}],
-        "scaling": {"alpha_method": [{"k": 2, "tasks": tasks, "avg": 0.65, "normalized_avg": 0.76}]},
+        "scaling": {"alpha_method": [{"n_tasks": 2, "tasks": tasks, "avg": 0.65, "normalized_avg": 0.76}]},
     }
 
 
@@ -117,11 +117,11 @@ def test_markdown_table_rows_params_and_data_budget():
         }
     )
     lines = render_markdown(res).splitlines()
-    assert lines[0] == "| method | t1 | t2 | avg | norm. | chosen params / data | merge s |"
-    assert lines[2].startswith("| pretrained (linear probe) | 60.0 | 50.0 | 55.0 |")
+    assert lines[0] == "| method | t1 | t2 | avg | 95% CI | vs TA | norm. | chosen params / data | merge s |"
+    assert lines[2].startswith("| pretrained (frozen heads) | 60.0 | 50.0 | 55.0 |")
     assert (
         lines[3]
-        == "| `data_method` | 80.0 | 70.0 | 75.0 | 88.2 | defaults; 64 unlabelled examples per task | 12.0 |"
+        == "| `data_method` | 80.0 | 70.0 | 75.0 |  |  | 88.2 | defaults; 64 unlabelled examples per task | 12.0 |"
     )
     assert (
         lines[4].startswith("| `alpha_method` | 70.0 | 60.0 | 65.0 |") and "| lambda=1.0 | 0.1 |" in lines[4]

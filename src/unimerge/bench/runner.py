@@ -201,12 +201,12 @@ def select_methods(suite: Suite, names: Sequence[str] | None) -> list[Method]:
     if names:  # data-aware methods run only when named (each costs minutes; see bench/data_aware.py)
         groups: dict[str, Sequence[Method]] = {
             "all": list_methods(),
-            "free": list_methods(kind=TensorMethod),
-            "data": list_methods(kind=ModelMethod),
+            "free": list_methods(data="none"),
+            "data": [m for m in list_methods() if m.data != "none"],
         }
         chosen = [m for n in names for m in (groups[n] if n in groups else [get_method(n)])]
         return [_suite_grid(suite, m) for m in {m.name: m for m in chosen}.values()]  # no repeats
-    available: list[Method] = list(list_methods(kind=TensorMethod))
+    available: list[Method] = list_methods(data="none")
     if suite.default_methods is not None:
         chosen = [m for m in available if m.name in suite.default_methods]
         if chosen:
