@@ -1,7 +1,8 @@
 """mkdocs hook: the config reference and the suites table, generated from the code.
 
 - ``<!-- unimerge:config -->`` (``docs/config-reference.md``) becomes one table per config model of
-  :mod:`unimerge.config` (``MergeConfig``, ``ModelSpec``, ``SliceSpec``, ``SourceSpec``, ``DataSpec``):
+  :mod:`unimerge.config` (``MergeConfig``, ``ModelSpec``, ``SliceSpec``, ``SourceSpec``, ``DataSpec``, and
+  the ``tokenizer:`` section's models):
   every key with its type, default and bounds read from the pydantic model, and its meaning (the
   field's own ``description`` when it has one, else :data:`MEANINGS`).
 - ``<!-- unimerge:suites -->`` becomes a table of the benchmark suites (:data:`unimerge.data.SUITES`),
@@ -22,7 +23,17 @@ from typing import Any
 CONFIG_MARKER = "<!-- unimerge:config -->"
 SUITES_MARKER = "<!-- unimerge:suites -->"
 DATASETS_MARKER = "<!-- unimerge:datasets -->"
-MODELS = ("MergeConfig", "ModelSpec", "SliceSpec", "SourceSpec", "DataSpec")
+MODELS = (
+    "MergeConfig",
+    "ModelSpec",
+    "SliceSpec",
+    "SourceSpec",
+    "DataSpec",
+    "TokenizerSpec",
+    "TokenSpec",
+    "ModelTokenSource",
+    "ZeroSource",
+)
 
 MEANINGS: dict[str, dict[str, str]] = {
     "MergeConfig": {
@@ -39,8 +50,12 @@ MEANINGS: dict[str, dict[str, str]] = {
         "float64 inputs stay float64). Aliases: `fp32`, `fp16`, `bf16`, `half`, `float`.",
         "out_dtype": "Output dtype of float tensors; overrides `dtype`. Neither set: each tensor keeps its "
         "input dtype.",
-        "tokenizer_source": "Where the tokenizer files come from: `base` (the default) or a model of the "
-        "config (or another folder). `union` is refused.",
+        "tokenizer_source": "The output vocabulary: `union` (every model's tokens), `base`, or a model of the "
+        "config (or another folder); embedding and `lm_head` rows are gathered into it (see "
+        "[vocabularies](merging.md#vocabularies)). Not set: the base's tokenizer files are copied and all "
+        "models must share its vocabulary.",
+        "tokenizer": "mergekit's `tokenizer:` section (`source`, `tokens`, `pad_to_multiple_of`), instead of "
+        "`tokenizer_source`.",
         "name": "A name for the merged model, used as the model card's title.",
         "seed": "Seed of random methods (a generator per tensor) and, by default, of `data:` sampling; "
         "`--seed` overrides it.",

@@ -51,13 +51,18 @@ from unimerge.core import validate_params
 from unimerge.data import SUITES
 from unimerge.errors import ConfigError
 from unimerge.methods import Method, MethodInfo, ModelMethod, get_method
+from unimerge.vocab import ModelTokenSource, TokenizerSpec, TokenSpec, ZeroSource
 
 __all__ = [
     "DataSpec",
     "MergeConfig",
     "ModelSpec",
+    "ModelTokenSource",
     "SliceSpec",
     "SourceSpec",
+    "TokenSpec",
+    "TokenizerSpec",
+    "ZeroSource",
     "check_data_path",
     "evaluate_setting",
     "dump_config",
@@ -211,7 +216,8 @@ class MergeConfig(_Strict):
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: DType | None = None
     out_dtype: DType | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = Field(default=None, min_length=1)
+    tokenizer: TokenizerSpec | None = None
     name: str | None = None  # mergekit allows a name; kept for the model card
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
     data: DataSpec | None = None
@@ -226,20 +232,12 @@ class MergeConfig(_Strict):
     def _known_method(cls, v: str) -> str:
         return get_method(v).name  # raises ConfigError (a ValueError) with 'did you mean'
 
-    @field_validator("tokenizer_source")
-    @classmethod
-    def _tokenizer_source(cls, v: str | None) -> str | None:
-        if v in ("union", "model:union"):
-            raise ValueError(
-                "tokenizer_source: union (merging vocabularies) is not supported; use `base` or a model path, "
-                "and merge only models that share a tokenizer"
-            )
-        return v
-
     @model_validator(mode="after")
     def _check(self) -> MergeConfig:
         if (self.models is None) == (self.slices is None):
             raise ValueError("give exactly one of `models:` or `slices:`")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give `tokenizer_source:` or a `tokenizer:` section, not both (as mergekit)")
         info = self.method
         if info.needs_base and self.base_model is None:
             raise ValueError(f"method {info.name!r} needs `base_model:`")
@@ -255,6 +253,13 @@ class MergeConfig(_Strict):
                     info, {**self.parameters, **sl.parameters}, [s.parameters for s in sl.sources]
                 )
         return self
+
+    def vocabulary(self) -> TokenizerSpec | None:
+        """The output vocabulary asked for (``tokenizer:``, or ``tokenizer_source:`` as its ``source``);
+        ``None``: the base's tokenizer files are copied and every model must share its vocabulary."""
+        if self.tokenizer_source is not None:
+            return TokenizerSpec(source=self.tokenizer_source)
+        return self.tokenizer
 
     @property
     def method(self) -> Method:
@@ -291,6 +296,11 @@ def _check_data(cfg: MergeConfig) -> None:
             f"method {info.name!r} builds one model per task (a MergedModel with per-task modules), which "
             "`unimerge merge` cannot write as one Hugging Face folder; run it in Python on a MergeProblem "
             f"(unimerge.modelmerge) or benchmark it: `unimerge bench --methods {info.name}`"
+        )
+    if cfg.tokenizer is not None or cfg.tokenizer_source == "union":
+        raise ValueError(
+            f"method {info.name!r} runs the models on tokenised data, so they must share one tokenizer: "
+            "`tokenizer_source: union` and a `tokenizer:` section are for data-free methods only"
         )
     if data is None:
         raise ValueError(

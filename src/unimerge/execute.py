@@ -8,9 +8,11 @@ The streaming engine runs a plan: jobs go through a thread pool into a sharded, 
 
 Memory is bounded by the tensors in flight, never by model size: at most ``2 * threads`` jobs, and
 no more of them than fit a byte budget (by default the largest job's working set, so the largest
-tensor is merged alone). Each job reads its inputs straight into one stacked buffer, merges (the
-method may overwrite that buffer), casts and writes its bytes at their planned offset. Random methods get a
-generator seeded from ``(seed, tensor name)``, so output does not depend on the thread count.
+tensor is merged alone); what a job frees goes back to the OS when it ends (:mod:`unimerge.heap`),
+not into malloc arenas that would grow with the number of tensors. Each job reads its inputs straight
+into one stacked buffer, merges (the method may overwrite that buffer), casts and writes its bytes at
+their planned offset. Random methods get a generator seeded from ``(seed, tensor name)``, so output
+does not depend on the thread count.
 Methods with ``scope="model"`` first run their statistics pass (``MethodInfo.prepare``), which
 streams the inputs again, before the merge pass.
 """
@@ -29,14 +31,17 @@ import torch
 from torch import Tensor
 
 from unimerge.config import MergeConfig, dump_config, load_config, parse_config
-from unimerge.core import merge_stacked, stack_buffer, stack_per_model, to_method_input
+from unimerge.core import compute_dtype, merge_stacked, stack_buffer, stack_per_model, to_method_input
 from unimerge.errors import MergeError
+from unimerge.heap import release_free_memory
 from unimerge.io import OutTensor, ShardedWriter, sha256_file
+from unimerge.io.tokenizer import write_tokenizer
 from unimerge.io.writer import format_size, write_model_files
 from unimerge.methods import Method, ModelMethod, TensorMethod, generator_for
 from unimerge.modelcard import model_card
 from unimerge.options import Check, MergeResult, Progress, RunOptions, compute_device
 from unimerge.plan import MergePlan, TensorJob, make_plan
+from unimerge.vocab import gather_rows
 
 __all__ = ["Check", "MergeResult", "RunOptions", "check_merge", "plan_config", "run_merge", "run_plan"]
 
@@ -96,6 +101,8 @@ class _Runner:
     def inputs(self, job: TensorJob) -> tuple[Tensor | None, Tensor | None]:
         """``(x, base)``: the sources read straight into one ``(n, *shape)`` compute-dtype buffer on
         the device (``None`` for a non-float tensor) and the base as stored (or ``None``)."""
+        if job.rows is not None:
+            return self._gathered(job)
         read = self.plan.checkpoints
         base = read[job.base.model].read(job.base.name) if job.base is not None else None
         first = job.sources[0]
@@ -111,6 +118,17 @@ class _Runner:
         if not math.isfinite(total):
             self._warn_nonfinite(job, x, base)
         return x.to(self.device), base
+
+    def _gathered(self, job: TensorJob) -> tuple[Tensor, Tensor | None]:
+        """:meth:`inputs` of a vocabulary tensor: each input's rows gathered into the output vocabulary."""
+        assert job.rows is not None
+        srcs = [*job.sources, *([job.base] if job.base is not None else [])]
+        name = {s.model: s.name for s in srcs}
+        raw = [self.plan.checkpoints[m].read(name[m]) for m in job.rows.models]
+        dtype = compute_dtype(raw[0].dtype)
+        rows = dict(zip(job.rows.models, gather_rows(job.rows, [t.to(dtype) for t in raw]), strict=True))
+        x = torch.stack([rows[s.model] for s in job.sources]).to(self.device)
+        return x, rows[job.base.model] if job.base is not None else None
 
     def merge(self, job: TensorJob) -> Tensor:
         x, base = self.inputs(job)
@@ -133,12 +151,20 @@ class _Runner:
             x, base = self.inputs(job)
             if x is not None:
                 yield job.name, to_method_input(self.plan.method, x, base)[0]
+            release_free_memory()
 
 
 def job_bytes(job: TensorJob) -> int:
     """Working set of one job: its stacked inputs, the base, the output and two scratch tensors."""
     itemsize = 8 if job.dtype == torch.float64 else 4
     return (len(job.sources) + 4) * job.numel * itemsize
+
+
+def _merge_one(runner: _Runner, writer: ShardedWriter, job: TensorJob) -> None:
+    """Merge and write one job, then hand the memory it freed back to the OS (see :mod:`unimerge.heap`:
+    otherwise malloc keeps it, and the resident set grows with the number of tensors merged)."""
+    writer.write(job.name, runner.merge(job))
+    release_free_memory()
 
 
 def _run_pool(
@@ -190,7 +216,11 @@ def _write_metadata(plan: MergePlan, writer: ShardedWriter, hashes: Mapping[str,
         updates["num_hidden_layers"] = plan.num_layers_out
     if plan.config.out_dtype or plan.config.dtype:
         updates["torch_dtype"] = plan.config.out_dtype or plan.config.dtype
-    write_model_files(writer, plan.meta_root, plan.tokenizer_root, updates)
+    if plan.vocabulary is None:
+        write_model_files(writer, plan.meta_root, plan.tokenizer_root, updates)
+    else:  # the merged vocabulary's tokenizer, saved as mergekit does, and its size in config.json
+        write_model_files(writer, plan.meta_root, None, {**updates, "vocab_size": plan.vocabulary.size})
+        write_tokenizer(plan.vocabulary.tokenizer, writer)
     writer.write_text("unimerge_config.yaml", dump_config(plan.config))
     writer.write_text("README.md", model_card(plan, hashes))
 
@@ -219,7 +249,7 @@ def run_plan(
             report = (lambda done, total: progress(what, done, total)) if progress else None
             _run_pool(
                 plan.jobs,
-                lambda job: writer.write(job.name, runner.merge(job)),
+                lambda job: _merge_one(runner, writer, job),
                 options.threads,
                 report,
                 budget,

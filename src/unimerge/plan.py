@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ from unimerge.core import validate_params
 from unimerge.errors import ConfigError, PlanError
 from unimerge.io import Checkpoint, TensorMeta, check_output_outside, open_checkpoint, resolve_ref
 from unimerge.methods import MethodInfo, TensorMethod, get_method
+from unimerge.vocab import RowMap, VocabPlan, plan_vocabulary
 
 __all__ = ["MergePlan", "Source", "TensorJob", "layer_index", "make_plan"]
 
@@ -53,6 +54,7 @@ class TensorJob:
     base: Source | None
     params: BaseModel
     per_model: tuple[BaseModel, ...]
+    rows: RowMap | None = None  # a vocabulary tensor gathered into the output vocabulary first
 
     @property
     def numel(self) -> int:
@@ -75,6 +77,7 @@ class MergePlan:
     tokenizer_root: Path
     num_layers_out: int | None = None
     warnings: list[str] = field(default_factory=list)
+    vocabulary: VocabPlan | None = None  # `tokenizer_source:` / `tokenizer:`: the output vocabulary
 
     def summary(self, threads: int = 1) -> dict[str, Any]:
         """Tensors, bytes to read and write, and an estimate of peak memory in bytes."""
@@ -153,8 +156,8 @@ def _check_names(refs: Sequence[str], metas: Sequence[dict[str, TensorMeta]], re
         )
 
 
-def _shape_problem(name: str, entries: Sequence[tuple[str, TensorMeta]]) -> str | None:
-    shapes = {m.shape for _, m in entries}
+def _shape_problem(name: str, entries: Sequence[tuple[str, TensorMeta]], free: bool = False) -> str | None:
+    shapes = {m.shape[1:] if free else m.shape for _, m in entries}
     if len(shapes) > 1:
         return f"{name!r} ({', '.join(f'{r}: {list(m.shape)}' for r, m in entries)})"
     floats = {m.dtype.is_floating_point for _, m in entries}
@@ -163,10 +166,15 @@ def _shape_problem(name: str, entries: Sequence[tuple[str, TensorMeta]]) -> str 
     return None
 
 
-def _check_shapes(items: Sequence[tuple[str, Sequence[tuple[str, TensorMeta]]]]) -> None:
-    """Check every tensor's shapes agree across inputs; vocabulary mismatches are reported first."""
-    problems = [(n, p) for n, e in items if (p := _shape_problem(n, e)) is not None]
-    vocab = [(n, e) for n, e in items if any(h in n for h in _VOCAB_HINTS) and _shape_problem(n, e)]
+def _check_shapes(
+    items: Sequence[tuple[str, Sequence[tuple[str, TensorMeta]]]], free: Collection[str] = ()
+) -> None:
+    """Check every tensor's shapes agree across inputs (but the first dimension of those ``free``:
+    vocabulary tensors gathered into one vocabulary); vocabulary mismatches are reported first."""
+    problems = [(n, p) for n, e in items if (p := _shape_problem(n, e, n in free)) is not None]
+    vocab = [
+        (n, e) for n, e in items if any(h in n for h in _VOCAB_HINTS) and _shape_problem(n, e, n in free)
+    ]
     if vocab:
         sizes = sorted({m.shape[0] for _, e in vocab for _, m in e if m.shape})
         names = ", ".join(repr(n) for n, _ in vocab)
@@ -255,22 +263,29 @@ def make_plan(
     check_output_outside(out_dir, [ck.ref for ck in cks])
     _check_architectures(all_refs, cks)
     meta_root = cks[base if base is not None else 0].root
-    tok = config.tokenizer_source
-    tok_root = (
-        meta_root
-        if tok in (None, "base")
-        else cks[index[tok]].root
-        if tok in index
-        else Path(resolve_ref(tok, config_dir))
-    )
-    plan = MergePlan(config, info, cks, base, [], meta_root, tok_root)
+    spec = config.vocabulary()
+    vocab = plan_vocabulary(spec, cks, all_refs, base, config_dir) if spec is not None else None
+    free = vocab.names if vocab is not None else frozenset()
+    plan = MergePlan(config, info, cks, base, [], meta_root, meta_root, vocabulary=vocab)
     if config.models is not None:
-        plan.jobs = _model_jobs(config, cks, index, base, plan.warnings)
+        plan.jobs = _model_jobs(config, cks, index, base, plan.warnings, free)
     else:
-        plan.jobs, plan.num_layers_out = _slice_jobs(config, cks, index, base)
+        plan.jobs, plan.num_layers_out = _slice_jobs(config, cks, index, base, free)
+    if vocab is not None:
+        plan.jobs = [_gathered(j, vocab) for j in plan.jobs]
+        plan.warnings.extend(vocab.warnings)
     if info.needs_base and base is None:
         raise ConfigError(f"Method {info.name!r} needs `base_model:`.")
     return plan
+
+
+def _gathered(job: TensorJob, vocab: VocabPlan) -> TensorJob:
+    """``job`` with its inputs gathered into the output vocabulary, when it is a vocabulary tensor."""
+    if job.name not in vocab.names:
+        return job
+    models = tuple(dict.fromkeys(s.model for s in (*job.sources, *([job.base] if job.base else []))))
+    rows = vocab.row_map(models)
+    return replace(job, shape=(rows.size, *job.shape[1:]), rows=rows)
 
 
 def _merged_models(info: MethodInfo, specs: Sequence[_Spec], base_ref: str | None) -> list[_Spec]:
@@ -306,7 +321,12 @@ def _with_unlisted_base(
 
 
 def _model_jobs(
-    config: MergeConfig, cks: list[Checkpoint], index: dict[str, int], base: int | None, warnings: list[str]
+    config: MergeConfig,
+    cks: list[Checkpoint],
+    index: dict[str, int],
+    base: int | None,
+    warnings: list[str],
+    free: Collection[str] = (),
 ) -> list[TensorJob]:
     info = config.method
     specs = _with_unlisted_base(
@@ -324,7 +344,8 @@ def _model_jobs(
     n_layers = 1 + max((layer_index(n) or 0 for n in metas[ref_idx]), default=0)
     resolve = _Params(config)
     _check_shapes(
-        [(name, [(cks[i].ref, metas[i][name]) for i in used if name in metas[i]]) for name in metas[ref_idx]]
+        [(name, [(cks[i].ref, metas[i][name]) for i in used if name in metas[i]]) for name in metas[ref_idx]],
+        free,
     )
     jobs = []
     for name, meta in metas[ref_idx].items():
@@ -366,7 +387,11 @@ def _partial_buffers(
 
 
 def _slice_jobs(
-    config: MergeConfig, cks: list[Checkpoint], index: dict[str, int], base: int | None
+    config: MergeConfig,
+    cks: list[Checkpoint],
+    index: dict[str, int],
+    base: int | None,
+    free: Collection[str] = (),
 ) -> tuple[list[TensorJob], int]:
     """mergekit ``slices:``: output layers are the slices' layers renumbered in order."""
     info = config.method
@@ -384,13 +409,13 @@ def _slice_jobs(
         length = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
         scoped = resolve.for_slice(sl.parameters)
         if k == 0:
-            jobs += _edge_jobs(config, cks, index, specs, base_src, pre=True, resolve=scoped)
+            jobs += _edge_jobs(config, cks, index, specs, base_src, pre=True, resolve=scoped, free=free)
         for i in range(length):
             t = i / (length - 1) if length > 1 else 1.0
             jobs += _layer_jobs(config, cks, index, specs, base_src, i, offset + i, t, scoped)
         offset += length
         if k == len(slices) - 1:
-            jobs += _edge_jobs(config, cks, index, specs, base_src, pre=False, resolve=scoped)
+            jobs += _edge_jobs(config, cks, index, specs, base_src, pre=False, resolve=scoped, free=free)
     return jobs, offset
 
 
@@ -466,6 +491,7 @@ def _edge_jobs(
     *,
     pre: bool,
     resolve: _Params,
+    free: Collection[str] = (),
 ) -> list[TensorJob]:
     """Non-layer tensors: embeddings from the first slice's sources, the rest from the last slice's."""
     info = config.method
@@ -480,7 +506,7 @@ def _edge_jobs(
         entries = [(r, m) for r, m in found if m is not None]
         if len(entries) < len(found):
             raise PlanError(f"Tensor {name!r} is missing from {[r for r, m in found if m is None]}.")
-        _check_shapes([(name, entries)])
+        _check_shapes([(name, entries)], free)
         p, pm = resolve(name, 0.0, specs)  # t = 0 outside the layers, as mergekit (see _position)
         jobs.append(TensorJob(name, meta.shape, _out_dtype(config, meta), srcs, b, p, pm))
     return jobs

@@ -417,12 +417,18 @@ def copy_model_files(src_root: Path, writer: ShardedWriter, names: Sequence[str]
 
 
 def write_model_files(
-    writer: ShardedWriter, meta_root: Path, tokenizer_root: Path, config_updates: Mapping[str, Any]
+    writer: ShardedWriter, meta_root: Path, tokenizer_root: Path | None, config_updates: Mapping[str, Any]
 ) -> None:
     """Copy the config, generation config and tokenizer files of ``meta_root`` (the tokenizer files of
-    ``tokenizer_root`` over them when it differs), with ``config_updates`` applied to ``config.json``."""
-    copied = copy_model_files(meta_root, writer)
-    if tokenizer_root != meta_root:
+    ``tokenizer_root`` over them when it differs; none with ``tokenizer_root=None``, when the caller
+    writes its own), with ``config_updates`` applied to ``config.json``."""
+    names = (
+        MODEL_FILES
+        if tokenizer_root is not None
+        else tuple(n for n in MODEL_FILES if n not in TOKENIZER_FILES)
+    )
+    copied = copy_model_files(meta_root, writer, names)
+    if tokenizer_root is not None and tokenizer_root != meta_root:
         copy_model_files(tokenizer_root, writer, TOKENIZER_FILES)
     if config_updates and "config.json" in copied:
         cfg = json.loads((Path(meta_root) / "config.json").read_text(encoding="utf-8"))
