@@ -88,7 +88,7 @@ def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -
 
 def _within(r: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """``r`` minus the mean of its group."""
-    out = r.copy()
+    out: np.ndarray = r.copy()
     for g in np.unique(groups):
         m = groups == g
         out[m] -= r[m].mean()
