@@ -77,16 +77,17 @@ def test_methods_are_grouped_by_kind_then_family(page: str) -> None:
 
 
 def test_published_tables_are_parsed(results: dict) -> None:
-    assert set(results) == {"quick", "text8"}
+    assert set(results) == {"quick", "text12"}
     assert set(results["quick"]) == {"ties", "linear", "task_arithmetic"}
     ties = results["quick"]["ties"]
     assert (ties.avg, ties.norm, ties.chosen, ties.anchor) == (
-        "62.4",
-        "93.6",
-        "density=0.5, lambda=0.5",
+        "61.5",
+        "92.6",
+        "density=0.2, lambda=1.0",
         "results-quick",
     )
-    assert "pretrained (linear probe)" not in results["text8"]  # references are not methods
+    assert {"tsv_m", "twin_merging", "layer_wise_adamerging"} <= set(results["text12"])
+    assert "pretrained (frozen heads)" not in results["text12"]  # references are not methods
 
 
 def test_every_published_row_names_a_registered_method(results: dict) -> None:
