@@ -49,7 +49,7 @@ from pydantic import (
 
 from unimerge.core import validate_params
 from unimerge.data import SUITES
-from unimerge.errors import ConfigError
+from unimerge.errors import ConfigError, describe_invalid
 from unimerge.methods import Method, MethodInfo, ModelMethod, get_method
 from unimerge.vocab import ModelTokenSource, TokenizerSpec, TokenSpec, ZeroSource
 
@@ -403,18 +403,6 @@ def _validate_settings(info: MethodInfo, global_raw: dict[str, Any], per_model: 
                 validate_params(info, first_g, models)
 
 
-def _locate(err: ValidationError, path: Path | None) -> str:
-    where = f"{path}: " if path else ""
-    msgs = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = str(e.get("ctx", {}).get("error", e["msg"])) if e["type"] == "value_error" else e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling; see docs/config-reference.md for every key)"
-        msgs.append(f"{loc}: {msg}" if loc else msg)
-    return f"{where}invalid merge config: " + "; ".join(msgs)
-
-
 def parse_config(data: Any, path: Path | None = None) -> MergeConfig:
     """Validate a config mapping (already parsed from YAML); ``path`` is the file it came from
     (``data.files`` are resolved against its folder, else against the working folder)."""
@@ -426,7 +414,9 @@ def parse_config(data: Any, path: Path | None = None) -> MergeConfig:
         context = {"config_dir": path.resolve().parent if path else None}
         return MergeConfig.model_validate(data, context=context)
     except ValidationError as err:
-        raise ConfigError(_locate(err, path)) from None
+        raise ConfigError(
+            describe_invalid(err, f"{path}: " if path else "", "merge config", "docs/config-reference.md")
+        ) from None
 
 
 def load_config(path: str | Path) -> MergeConfig:

@@ -13,7 +13,9 @@ The CLI prints ``str(error)`` as one paragraph and exits non-zero; no traceback.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "MergeError", "PlanError", "UnimergeError"]
+from pydantic import ValidationError
+
+__all__ = ["CheckpointError", "ConfigError", "MergeError", "PlanError", "UnimergeError", "describe_invalid"]
 
 
 class UnimergeError(Exception):
@@ -34,3 +36,16 @@ class PlanError(UnimergeError):
 
 class MergeError(UnimergeError):
     """The merge failed while running; nothing was written to the output path."""
+
+
+def describe_invalid(err: ValidationError, where: str, kind: str, docs: str) -> str:
+    """One paragraph for a config pydantic rejected: ``{where}invalid {kind}: loc: message; ...``,
+    with value errors' own message and unknown keys pointed at ``docs``."""
+    msgs = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = str(e.get("ctx", {}).get("error", e["msg"])) if e["type"] == "value_error" else e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key (check its spelling; see {docs} for every key)"
+        msgs.append(f"{loc}: {msg}" if loc else msg)
+    return f"{where}invalid {kind}: " + "; ".join(msgs)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from unimerge.errors import ConfigError
+from unimerge.errors import ConfigError, describe_invalid
 
 __all__ = ["RANDOM_MODES", "GateMode", "MoEConfig", "MoEExpert", "load_moe_config", "parse_moe_config"]
 
@@ -121,17 +121,6 @@ class MoEConfig(BaseModel, extra="forbid", frozen=True):
         return [self.base_model, *(e.source_model for e in self.experts)]
 
 
-def _locate(err: ValidationError, path: Path | None) -> str:
-    msgs = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = str(e.get("ctx", {}).get("error", e["msg"])) if e["type"] == "value_error" else e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling; see docs/moe.md for every key)"
-        msgs.append(f"{loc}: {msg}" if loc else msg)
-    return f"{path or 'config'}: invalid mergekit-moe config: " + "; ".join(msgs)
-
-
 def parse_moe_config(data: Any, path: Path | None = None) -> MoEConfig:
     """Validate a parsed YAML mapping; ``path`` (the file it came from) is named in errors.
 
@@ -145,7 +134,9 @@ def parse_moe_config(data: Any, path: Path | None = None) -> MoEConfig:
     try:
         return MoEConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_locate(err, path)) from None
+        raise ConfigError(
+            describe_invalid(err, f"{path or 'config'}: ", "mergekit-moe config", "docs/moe.md")
+        ) from None
 
 
 def load_moe_config(path: str | Path) -> MoEConfig:
