@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from unimerge.bench.report import render_html, render_markdown, results_table
+from unimerge.bench.report import render_html, render_markdown, results_table, scaling_markdown
 from unimerge.bench.runner import grid_points, scaling_subsets, select_methods
-from unimerge.bench.scores import normalized, summarize
+from unimerge.bench.scores import normalized, scaling_trend, summarize
 from unimerge.data import SUITES
 from unimerge.errors import ConfigError
 from unimerge.methods import get_method, list_methods
@@ -126,7 +126,22 @@ def test_markdown_table_rows_params_and_data_budget():
     assert (
         lines[4].startswith("| `alpha_method` | 70.0 | 60.0 | 65.0 |") and "| lambda=1.0 | 0.1 |" in lines[4]
     )
-    assert lines[-1] == "Skipped: `two_only` (needs exactly 2 models)."
+    assert "Skipped: `two_only` (needs exactly 2 models)." in lines
+    assert lines[-1] == "| `alpha_method` | 76.0 |  |  |"  # the scaling table closes it (no fitted line)
+
+
+def test_scaling_markdown_means_each_size_and_reports_the_fitted_line():
+    recs = [
+        {"n_tasks": 2, "tasks": ["a", "b"], "avg": 0.8, "normalized_avg": 0.90},
+        {"n_tasks": 2, "tasks": ["a", "c"], "avg": 0.8, "normalized_avg": 0.80},
+        {"n_tasks": 3, "tasks": ["a", "b", "c"], "avg": 0.7, "normalized_avg": 0.70},
+    ]
+    res = {"scaling": {"ta": recs}, "scaling_trend": {"ta": scaling_trend(recs)}}
+    lines = scaling_markdown(res).splitlines()
+    assert lines[0] == "| method | 2 tasks | 3 tasks | trend / task | R² |"
+    # size 2: (90 + 80) / 2 = 85; the line through (2, .9), (2, .8), (3, .7): slope -0.15, R² = 0.75
+    assert lines[2] == "| `ta` | 85.0 | 70.0 | -15.00 | 0.75 |"
+    assert scaling_markdown({"rows": []}) == ""
 
 
 @pytest.mark.skipif(

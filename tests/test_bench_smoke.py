@@ -73,6 +73,8 @@ def test_smoke_suite_end_to_end(fresh_cache, tmp_path, umask_022):
         assert row["params"] == chosen["params"] and row["val_avg"] == chosen["val_avg"]
     assert set(res["scaling"]) == {r["method"] for r in res["rows"]}  # smoke scales all three
     assert all(rec["n_tasks"] == 2 for recs in res["scaling"].values() for rec in recs)
+    assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Task scaling" in (out / "results.md").read_text()
     # protocol v2: frozen heads, statistics on every row
     assert res["protocol"]["version"] == 2 and "frozen" in res["protocol"]["head"]
     by_name = {r["method"]: r for r in [*res["baselines"], *res["rows"]]}

@@ -17,7 +17,8 @@ cached Hugging Face folders and each expert's training record), ``scaling`` (wit
 ``{method: [{n_tasks, tasks, avg, normalized_avg}]}``) and ``scaling_trend`` (per method, the
 least-squares line of normalized accuracy against the number of tasks), ``seed``, ``date``,
 ``machine``, ``seconds_total``, and per row ``val_avg``, ``family`` and ``grid`` (every grid
-point's validation accuracies).
+point's validation accuracies). With ``--scaling`` the run also writes ``scaling.png`` (the plot)
+and ``results.md`` ends with the scaling table (:func:`~unimerge.bench.report.scaling_markdown`).
 ``results.json`` is rewritten after every method (with ``"complete": false``), so a long run that
 is interrupted still leaves its finished rows behind.
 """
@@ -37,7 +38,7 @@ import torch
 from rich.console import Console
 
 from unimerge.bench.recipes import PROTOCOL
-from unimerge.bench.report import render_html, render_markdown, results_table
+from unimerge.bench.report import render_html, render_markdown, results_table, scaling_png
 from unimerge.bench.runner import (
     MODEL_NAME,
     Prepared,
@@ -56,7 +57,7 @@ from unimerge.bench.runner import (
 from unimerge.bench.scores import add_statistics, round_floats, scaling_trend
 from unimerge.core import validate_params
 from unimerge.errors import ConfigError
-from unimerge.io.atomic import atomic_write_text
+from unimerge.io.atomic import atomic_file, atomic_write_text
 from unimerge.methods import MethodInfo, ModelMethod
 
 __all__ = ["run_bench"]
@@ -241,7 +242,12 @@ def _finish(out: Path, results: dict[str, Any], console: Console) -> dict[str, A
     _write(out, final)
     atomic_write_text(out / "report.html", render_html(final))
     atomic_write_text(out / "results.md", render_markdown(final))
+    png = scaling_png(final)
+    if png is not None:
+        with atomic_file(out / "scaling.png") as tmp:
+            tmp.write_bytes(png)
     console.print(results_table(final))
     files = f"{out / 'results.json'}, {out / 'results.md'} and {out / 'report.html'}"
+    files += f" (and {out / 'scaling.png'})" if png is not None else ""
     console.print(f"Wrote {files} in {final['seconds_total']:.0f} s.")
     return final

@@ -21,7 +21,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["render_html", "render_markdown", "results_table"]
+__all__ = ["render_html", "render_markdown", "results_table", "scaling_markdown", "scaling_png"]
 
 
 def _all_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -85,6 +85,14 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     skipped = [f"`{s['method']}` ({s['reason'].split('.')[0]})" for s in results.get("skipped", [])]
     if skipped:
         lines += ["", "Skipped: " + "; ".join(skipped) + "."]
+    scaling = scaling_markdown(results)
+    if scaling:
+        lines += [
+            "",
+            "Task scaling (normalized accuracy %, mean over the random subsets of each size):",
+            "",
+            scaling.rstrip("\n"),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -129,16 +137,22 @@ def results_table(results: Mapping[str, Any]) -> Table:
     return table
 
 
-def _png(fig: Figure) -> str:
+def _png_bytes(fig: Figure) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
 
 
-def _bars(results: Mapping[str, Any]) -> str:
+def _png(fig: Figure | None) -> str | None:
+    if fig is None:
+        return None
+    return "data:image/png;base64," + base64.b64encode(_png_bytes(fig)).decode()
+
+
+def _bars(results: Mapping[str, Any]) -> str | None:
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -198,9 +212,14 @@ def _sweeps(results: Mapping[str, Any]) -> str | None:
     return _png(fig)
 
 
-def _scaling(results: Mapping[str, Any]) -> str | None:
+def scaling_png(results: Mapping[str, Any]) -> bytes | None:
+    """The task-scaling plot as PNG bytes (``OUT/scaling.png``), or ``None`` without ``scaling``."""
+    fig = _scaling_figure(results)
+    return None if fig is None else _png_bytes(fig)
+
+
+def _scaling_figure(results: Mapping[str, Any]) -> Figure | None:
     import matplotlib.pyplot as plt
-    import numpy as np
     from matplotlib.ticker import MaxNLocator
 
     scaling = results.get("scaling")
@@ -209,21 +228,45 @@ def _scaling(results: Mapping[str, Any]) -> str | None:
     trends = results.get("scaling_trend", {})
     fig, ax = plt.subplots(figsize=(7.0, 4.4))
     for method, records in scaling.items():
-        ns = sorted({r["n_tasks"] for r in records})
-        vals = [np.array([100 * r["normalized_avg"] for r in records if r["n_tasks"] == n]) for n in ns]
-        mean = np.array([v.mean() for v in vals])
+        ns, vals = _by_size(records)
+        mean = [sum(v) / len(v) for v in vals]
         slope = trends.get(method, {}).get("slope")
         label = method + (f" ({100 * slope:+.2f}/task)" if slope is not None else "")
         (line,) = ax.plot(ns, mean, marker="o", label=label)
         ax.fill_between(
-            ns, [v.min() for v in vals], [v.max() for v in vals], color=line.get_color(), alpha=0.15
+            ns, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.15
         )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("number of merged tasks")
     ax.set_ylabel("normalized accuracy (%)")
     ax.set_title("Task scaling: mean over random task subsets (band: min to max), test")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _png(fig)
+    return fig
+
+
+def _by_size(records: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[list[float]]]:
+    """Subset sizes in order, and each size's normalized accuracies (%)."""
+    ns = sorted({int(r["n_tasks"]) for r in records})
+    return ns, [[100 * r["normalized_avg"] for r in records if r["n_tasks"] == n] for n in ns]
+
+
+def scaling_markdown(results: Mapping[str, Any]) -> str:
+    """The task-scaling study as a Markdown table: mean normalized accuracy (%) per subset size, and
+    the fitted line (per added task, and R^2), one method per line; empty without ``scaling``."""
+    scaling = results.get("scaling")
+    if not scaling:
+        return ""
+    sizes = sorted({int(r["n_tasks"]) for recs in scaling.values() for r in recs})
+    head = ["method", *[f"{n} tasks" for n in sizes], "trend / task", "R²"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, records in scaling.items():
+        ns, vals = _by_size(records)
+        means = dict(zip(ns, (sum(v) / len(v) for v in vals), strict=True))
+        trend = results.get("scaling_trend", {}).get(method, {})
+        cells = [f"{means[n]:.1f}" if n in means else "" for n in sizes]
+        fit = [f"{100 * trend['slope']:+.2f}", f"{trend['r2']:.2f}"] if trend else ["", ""]
+        lines.append("| " + " | ".join([f"`{method}`", *cells, *fit]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _table_html(results: Mapping[str, Any]) -> str:
@@ -279,7 +322,7 @@ def render_html(results: Mapping[str, Any]) -> str:
     figures: Sequence[tuple[str, str | None]] = [
         ("Per-task accuracy", _bars(results)),
         ("Hyperparameter sweeps on validation", _sweeps(results)),
-        ("Task scaling", _scaling(results)),
+        ("Task scaling", _png(_scaling_figure(results))),
     ]
     imgs = "".join(f'<h2>{title}</h2><img alt="{title}" src="{uri}">' for title, uri in figures if uri)
     meta = html.escape(
