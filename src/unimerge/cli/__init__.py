@@ -1,4 +1,4 @@
-"""The ``unimerge`` command: parse, call the library, print (merge | validate | methods | moe | bench | diagnose | masks | task)."""
+"""The ``unimerge`` command: parse, call the library, print (merge | validate | methods | moe | bench | diagnose | masks | task | provenance)."""
 
 from __future__ import annotations
 
@@ -113,12 +113,14 @@ def _register_subcommands() -> None:
     from unimerge.cli.diagnose import diagnose
     from unimerge.cli.masks import masks, task
     from unimerge.cli.moe import moe
+    from unimerge.cli.provenance import provenance
 
     app.command("bench")(bench)
     app.command("diagnose")(diagnose)
     app.command("moe")(moe)
     app.command("masks")(masks)
     app.command("task")(task)
+    app.command("provenance")(provenance)
 
 
 _register_subcommands()

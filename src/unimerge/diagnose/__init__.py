@@ -6,7 +6,8 @@ once and writes ``DIR/diagnosis.json`` and ``DIR/diagnosis.html`` (data-free: no
 - :mod:`~unimerge.diagnose.stats`: the statistics, pure functions of tensors, additive over tensors;
 - :mod:`~unimerge.diagnose.stream`: plan, stream and accumulate (:func:`diagnose`, :func:`diagnose_models`);
 - :mod:`~unimerge.diagnose.verdict`: the dominant cause, with named, documented thresholds;
-- :mod:`~unimerge.diagnose.report`: the JSON document and the self-contained HTML page.
+- :mod:`~unimerge.diagnose.report`: the JSON document and the self-contained HTML page;
+- :mod:`~unimerge.diagnose.lineage`: which candidates went into a merged model (:func:`provenance`).
 
 Example:
     >>> doc = run_diagnose("ties.yaml", "diagnosis/")
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from unimerge.config import MergeConfig
+from unimerge.diagnose.lineage import provenance
 from unimerge.diagnose.report import diagnosis_json, write_report
 from unimerge.diagnose.stats import SubspaceSettings
 from unimerge.diagnose.stream import DiagnoseOptions, Diagnosis, diagnose, diagnose_models
@@ -32,6 +34,7 @@ __all__ = [
     "SubspaceSettings",
     "diagnose",
     "diagnose_models",
+    "provenance",
     "run_diagnose",
     "summary_scores",
     "verdict",
