@@ -5,7 +5,8 @@ UnimergeError                  base: a message a user can act on (file, tensor, 
 ├── ConfigError                the YAML / parameters are wrong (also a ValueError)
 ├── CheckpointError            an input file is missing, unreadable, corrupt or unsafe
 ├── PlanError                  inputs disagree: names, shapes, dtypes, vocabulary
-└── MergeError                 a merge failed while running (disk full, NaN policy, ...)
+├── MergeError                 a merge failed while running (disk full, NaN policy, ...)
+└── AlignError                 a model's permutation groups cannot be derived or applied (align/)
 ```
 
 The CLI prints ``str(error)`` as one paragraph and exits non-zero; no traceback.
@@ -15,7 +16,15 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-__all__ = ["CheckpointError", "ConfigError", "MergeError", "PlanError", "UnimergeError", "describe_invalid"]
+__all__ = [
+    "AlignError",
+    "CheckpointError",
+    "ConfigError",
+    "MergeError",
+    "PlanError",
+    "UnimergeError",
+    "describe_invalid",
+]
 
 
 class UnimergeError(Exception):
@@ -36,6 +45,10 @@ class PlanError(UnimergeError):
 
 class MergeError(UnimergeError):
     """The merge failed while running; nothing was written to the output path."""
+
+
+class AlignError(UnimergeError):
+    """A model's permutation spec cannot be derived (untraceable model) or does not fit its tensors."""
 
 
 def describe_invalid(err: ValidationError, where: str, kind: str, docs: str) -> str:
