@@ -274,7 +274,8 @@ def test_verdict_names_the_dominant_cause_and_its_methods() -> None:
     assert "iso_c" in v["text"] and "norm_ratio 4" in v["text"]
     v = verdict(_overall(0.9, 1.0, 0.0, 0.05))
     assert v["dominant"] == "directional_conflict" and "ties" in v["text"]
-    assert v["severity"] == pytest.approx(2.0)  # 0.9 / 0.45
+    assert v["severity"] == pytest.approx(1.8)  # 0.9 / 0.5
+    assert verdict(_overall(0.48, 1.0, 0.0, 0.05))["dominant"] == "none"  # below chance: text12's 0.476-0.490
     assert verdict(_overall(0.1, 1.0, 0.0, 0.05, cos=-0.5))["dominant"] == "directional_conflict"
     v = verdict(_overall(0.1, 1.0, 0.0, 0.9))
     assert v["dominant"] == "task_entanglement" and "tsv_m" in v["text"]
