@@ -21,12 +21,14 @@ from unimerge.align.matching import apply_permutation, match_weights, weight_mat
 from unimerge.align.merge import align_models, merge_aligned
 from unimerge.align.repair import repair, reset_batchnorm
 from unimerge.align.spec import Axis, PermutationSpec, declare_spec
+from unimerge.align.zipit import ZipMatrices, zip_matrices, zipit
 
 __all__ = [
     "Axis",
     "LinearPath",
     "PathPoint",
     "PermutationSpec",
+    "ZipMatrices",
     "activation_matching",
     "align_models",
     "apply_permutation",
@@ -42,4 +44,6 @@ __all__ = [
     "repair",
     "reset_batchnorm",
     "weight_matching",
+    "zip_matrices",
+    "zipit",
 ]

@@ -28,7 +28,14 @@ from unimerge.align.spec import PermutationSpec
 from unimerge.align.trace import Feat, TracedGroups, trace_graph
 from unimerge.errors import ConfigError
 
-__all__ = ["CorrelationStats", "activation_matching", "as_inputs", "eval_mode", "match_activations"]
+__all__ = [
+    "CorrelationStats",
+    "activation_matching",
+    "as_inputs",
+    "correlation_stats",
+    "eval_mode",
+    "match_activations",
+]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -109,6 +116,42 @@ def _rows(x: Tensor, axis: int) -> Tensor:
     return x.detach().movedim(axis, -1).reshape(-1, x.shape[axis])
 
 
+def correlation_stats(
+    reference: nn.Module,
+    model: nn.Module,
+    batches: Iterable[object],
+    example_inputs: Sequence[object],
+    *,
+    joint: bool = False,
+) -> tuple[PermutationSpec, dict[str, list[CorrelationStats]]]:
+    """The spec of ``reference`` and, per group, the correlation statistics of its activations at
+    every place a weight layer reads them (groups with no such place are left out).
+
+    Each entry correlates ``reference``'s units (rows) with ``model``'s (columns); with ``joint``
+    both sides are the two models' units concatenated, ``reference`` first (``2 * units`` each):
+    ZipIt!'s correlation of the concatenated features.
+    """
+    tg = trace_groups(reference, tuple(example_inputs))
+    spec, plan = tg.spec(), _where(tg)
+    runners = [_Recorder(trace_graph(m, tuple(example_inputs)), set(plan)) for m in (reference, model)]
+    width = 2 if joint else 1
+    stats = {node: CorrelationStats(width * spec.sizes[g]) for node, (g, _) in plan.items()}
+    with torch.no_grad(), eval_mode(reference, model):
+        for batch in batches:
+            for r in runners:
+                r.run(*as_inputs(batch))
+            for node, (_, axis) in plan.items():
+                a, b = _rows(runners[0].seen[node], axis), _rows(runners[1].seen[node], axis)
+                if joint:
+                    a = b = torch.cat([a, b], dim=1)
+                stats[node].update(a, b)
+    out: dict[str, list[CorrelationStats]] = {}
+    for node, (g, _) in plan.items():
+        if stats[node].count:
+            out.setdefault(g, []).append(stats[node])
+    return spec, out
+
+
 def match_activations(
     reference: nn.Module,
     model: nn.Module,
@@ -118,21 +161,11 @@ def match_activations(
     seed: int = 0,
 ) -> tuple[PermutationSpec, dict[str, Tensor]]:
     """The spec of ``reference`` and one permutation per group taking ``model`` into its basis."""
-    tg = trace_groups(reference, tuple(example_inputs))
-    spec, plan = tg.spec(), _where(tg)
-    runners = [_Recorder(trace_graph(m, tuple(example_inputs)), set(plan)) for m in (reference, model)]
-    stats = {node: CorrelationStats(spec.sizes[g]) for node, (g, _) in plan.items()}
-    with torch.no_grad(), eval_mode(reference, model):
-        for batch in batches:
-            for r in runners:
-                r.run(*as_inputs(batch))
-            for node, (_, axis) in plan.items():
-                stats[node].update(_rows(runners[0].seen[node], axis), _rows(runners[1].seen[node], axis))
-    perms: dict[str, Tensor] = {}
-    for g in spec.groups:
-        nodes = [node for node, (h, _) in plan.items() if h == g and stats[node].count]
-        if nodes:
-            perms[g] = linear_assignment(torch.stack([stats[n].correlation() for n in nodes]).sum(0))
+    spec, stats = correlation_stats(reference, model, batches, example_inputs)
+    perms: dict[str, Tensor] = {
+        g: linear_assignment(torch.stack([s.correlation() for s in found]).sum(0))
+        for g, found in stats.items()
+    }
     rest = [g for g in spec.groups if g not in perms]
     if rest:
         perms = match_weights(
