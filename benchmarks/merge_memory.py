@@ -3,7 +3,7 @@
 Builds Llama-shaped fp32 checkpoints (base + 3 experts, ``llama_checkpoints.py``) of the same width at
 two depths under ``$UNIMERGE_CACHE/bench-memory/`` (or ``--work``), reused when present, then runs
 ``python -m unimerge merge`` with a TIES config (as ``merge_speed.py`` writes it) on each, in a fresh
-subprocess, and reports its peak RSS (``ru_maxrss``) and peak ``RssAnon`` (polled from ``/proc``
+subprocess, and reports its peak RSS (``VmHWM``) and peak ``RssAnon`` (both polled from ``/proc``
 every 20 ms). Targets: the deep model's peak anon <= 1.1x the shallow one's, and peak RSS <=
 ``(n_models + 3) x largest tensor + 500 MB``.
 

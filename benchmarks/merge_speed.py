@@ -137,11 +137,13 @@ class Run:
     label: str
     wall_s: float  # the process, start to exit
     inner_s: float | None  # the timed section inside it (None for mergekit)
-    peak_rss_mb: float  # ru_maxrss from wait4
+    peak_rss_mb: float  # VmHWM polled from /proc (the program's peak RSS after exec)
     peak_anon_mb: float  # max RssAnon seen polling /proc (excludes mmapped file pages)
 
 
 def _poll_anon(pid: int, stop: threading.Event, peak: list[int]) -> None:
+    """Poll ``/proc/PID/status`` every 20 ms: ``peak[0]`` the largest ``RssAnon``, ``peak[1]`` the last
+    ``VmHWM`` (the process's own peak RSS since its ``exec``)."""
     path = f"/proc/{pid}/status"
     while not stop.is_set():
         try:
@@ -151,6 +153,9 @@ def _poll_anon(pid: int, stop: threading.Event, peak: list[int]) -> None:
         m = re.search(r"RssAnon:\s+(\d+) kB", text)
         if m:
             peak[0] = max(peak[0], int(m[1]))
+        hwm = re.search(r"VmHWM:\s+(\d+) kB", text)
+        if hwm:  # monotonic after exec, so the last read is the peak (a max would keep the fork's)
+            peak[1] = int(hwm[1])
         stop.wait(0.02)
 
 
@@ -163,7 +168,7 @@ def measure(label: str, cmd: list[str]) -> Run:
     with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=CHILD_ENV)
-        stop, peak = threading.Event(), [0]
+        stop, peak = threading.Event(), [0, 0]
         poller = threading.Thread(target=_poll_anon, args=(proc.pid, stop, peak), daemon=True)
         poller.start()
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not all children's
@@ -179,7 +184,10 @@ def measure(label: str, cmd: list[str]) -> Run:
         raise SystemExit(f"{label} failed (exit {code}): {' '.join(cmd)}\n{tail}")
     found = INNER.findall(out)
     inner = float(next(v for v in found[-1] if v)) if found else None
-    return Run(label, wall, inner, usage.ru_maxrss * 1024 / MB, peak[0] * 1024 / MB)
+    # ru_maxrss counts the forked child before its exec, i.e. this benchmark's own resident memory
+    # (checkpoints it just built): VmHWM is the new program's own peak. ru_maxrss only if never polled.
+    rss_kb = peak[1] or usage.ru_maxrss
+    return Run(label, wall, inner, rss_kb * 1024 / MB, peak[0] * 1024 / MB)
 
 
 # ----------------------------------------------------------------------------- orchestration
