@@ -32,6 +32,7 @@ __all__ = [
     "CorrelationStats",
     "activation_matching",
     "as_inputs",
+    "checked_batches",
     "correlation_stats",
     "eval_mode",
     "match_activations",
@@ -43,6 +44,23 @@ M = TypeVar("M", bound=nn.Module)
 def as_inputs(batch: object) -> tuple[object, ...]:
     """A batch as positional model inputs: a tensor is one input, a tuple or list is all of them."""
     return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+
+def checked_batches(
+    what: str,
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: Iterable[object],
+    example_inputs: Sequence[object] | None,
+) -> tuple[list[object], tuple[object, ...]]:
+    """The batches of ``data`` as a list and the inputs to trace with (``example_inputs``, default the
+    first batch), after checking there is data and the two models share one architecture."""
+    batches = list(data)
+    if not batches:
+        raise ConfigError(f"{what} needs data: pass at least one batch of model inputs.")
+    check_same_architecture(model_a, model_b)
+    example = tuple(example_inputs) if example_inputs is not None else as_inputs(batches[0])
+    return batches, example
 
 
 @contextlib.contextmanager
@@ -188,10 +206,6 @@ def activation_matching(
     (default: the first batch) is used to trace the models. The copy computes the same function as
     ``model``. Raises the errors of :func:`~unimerge.align.matching.weight_matching`.
     """
-    batches = list(batches)
-    if not batches:
-        raise ConfigError("Activation matching needs data: pass at least one batch of model inputs.")
-    check_same_architecture(reference, model)
-    example = tuple(example_inputs) if example_inputs is not None else as_inputs(batches[0])
-    spec, perms = match_activations(reference, model, batches, example, seed=seed)
+    data, example = checked_batches("Activation matching", reference, model, batches, example_inputs)
+    spec, perms = match_activations(reference, model, data, example, seed=seed)
     return permuted_copy(model, spec, perms)

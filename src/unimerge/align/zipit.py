@@ -31,9 +31,9 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from unimerge.align.activations import as_inputs, correlation_stats
+from unimerge.align.activations import checked_batches, correlation_stats
 from unimerge.align.derive import CONVS, TRANSPOSED
-from unimerge.align.matching import check_same_architecture, linear_assignment, match_weights
+from unimerge.align.matching import linear_assignment, match_weights
 from unimerge.align.spec import Axis, PermutationSpec
 from unimerge.errors import ConfigError
 
@@ -193,11 +193,7 @@ def zipit(
         ConfigError: no data, or ``alpha`` / ``beta`` out of range.
         PlanError / AlignError: as :func:`~unimerge.align.matching.weight_matching`.
     """
-    batches = list(data)
-    if not batches:
-        raise ConfigError("ZipIt! needs data: pass at least one batch of model inputs.")
-    check_same_architecture(model_a, model_b)
-    example = tuple(example_inputs) if example_inputs is not None else as_inputs(batches[0])
+    batches, example = checked_batches("ZipIt!", model_a, model_b, data, example_inputs)
     traced, stats = correlation_stats(model_a, model_b, batches, example, joint=True)
     spec = spec if spec is not None else traced
     states = (model_a.state_dict(), model_b.state_dict())
