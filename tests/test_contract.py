@@ -149,6 +149,13 @@ def _slerp_half(tau: Tensor, base: Tensor, n: int) -> Tensor:
     ) - base  # sin(th/2) / sin(th) = 1 / (2 cos(th/2))
 
 
+def _knots_ties(tau: Tensor, base: Tensor, n: int) -> Tensor:
+    if tau.dim() < 2:  # no basis to share: TIES on the plain task vectors
+        return _top(tau, 0.2)
+    u, s, vh = _svd(tau.reshape(tau.shape[0], -1))  # SVD of [tau ... tau]: U and s * V_i^T = s * V^T
+    return (u @ _top(s[:, None] * vh, 0.2)).float().reshape(tau.shape)
+
+
 @dataclass(frozen=True)
 class Identical:
     """What merging ``copies`` copies of one expert with a different base must give, per tensor.
@@ -234,6 +241,12 @@ IDENTICAL: dict[str, Identical] = {
     ),
     "iso_cts": Identical(
         _iso_cts, "common + task directions are tau's top singular directions, all given the mean value"
+    ),
+    "knots": Identical(
+        _knots_ties,
+        "copies share tau's basis U and coefficients s V^T: U times their top density=0.2 (TIES' disjoint "
+        "mean of equal entries); 0-d / 1-D tensors: TIES on tau",
+        params={"density": 0.2},
     ),
     "star": Identical(
         _star,
