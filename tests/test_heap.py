@@ -123,3 +123,23 @@ def test_no_tensor_outlives_its_job(deep, tmp_path, monkeypatch) -> None:
     assert len(alive) == len(most) == 12 * 9 + 3
     assert max(most) <= 2 * 2  # at most the jobs in flight (2 * threads)
     assert sum(r() is not None for r in alive) == 0
+
+
+def test_a_bf16_base_is_held_once_in_the_compute_dtype(tmp_path, monkeypatch) -> None:
+    """bf16 inputs: the merge gets the base already in float32, so no bf16 copy of it stays alive
+    beside the float32 one (on a 7B model that copy put peak RSS over its bound)."""
+    base = make_tiny_llama(tmp_path / "base", dtype=torch.bfloat16)
+    experts = [
+        make_tiny_llama(tmp_path / f"e{k}", perturb_from=base, seed=k, dtype=torch.bfloat16) for k in (1, 2)
+    ]
+    seen: list[torch.dtype] = []
+    merge_stacked = execute.merge_stacked
+
+    def spy(info, x, base, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(base.dtype)
+        return merge_stacked(info, x, base, *args, **kwargs)
+
+    monkeypatch.setattr(execute, "merge_stacked", spy)
+    config = _ties({"base": base, "e1": experts[0], "e2": experts[1]})
+    run_merge({**config, "dtype": "bfloat16"}, tmp_path / "out", RunOptions(threads=1))
+    assert seen and set(seen) == {torch.float32}

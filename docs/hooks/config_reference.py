@@ -33,6 +33,9 @@ MODELS = (
     "TokenSpec",
     "ModelTokenSource",
     "ZeroSource",
+    "OutputSpec",
+    "AlignSpec",
+    "AlignInputs",
 )
 
 MEANINGS: dict[str, dict[str, str]] = {
@@ -61,6 +64,14 @@ MEANINGS: dict[str, dict[str, str]] = {
         "`--seed` overrides it.",
         "data": "Where a data-aware method's examples come from (required for data-aware methods, "
         "refused for data-free ones).",
+        "align": "Permute every model into one model's basis before merging (weight matching on "
+        "transformers models; see [alignment](align.md#in-a-config)).",
+        "output": "Merges of PEFT LoRA adapters only ([LoRA](lora.md)): write a dense model or a PEFT "
+        "adapter (`format: peft_lora`, optionally re-factorised to `rank` or `energy`).",
+    },
+    "OutputSpec": {
+        "format": "`dense`: base + merged update as a Hugging Face folder (needs `base_model:`); "
+        "`peft_lora`: a PEFT adapter folder (no base needed).",
     },
     "ModelSpec": {
         "model": "The model: a folder (safetensors, shards with an index, or `pytorch_model.bin` with "

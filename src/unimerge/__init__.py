@@ -3,7 +3,10 @@
 The public surface is :data:`__all__` (checked by ``tests/test_public_api.py``):
 
 - in memory: :func:`merge_state_dicts` runs any data-free method on state dicts;
-- from files: :func:`run_merge` plans and streams a config (unimerge or mergekit YAML);
+- LoRA adapters: :func:`merge_adapters` merges PEFT adapters at the update level, :func:`combine_adapters`
+  runs PEFT's ``add_weighted_adapter`` combination types by name (see :mod:`unimerge.lora`);
+- from files: :func:`run_merge` plans and streams a config (unimerge or mergekit YAML; adapter
+  configs go to :mod:`unimerge.lora`, see :mod:`unimerge.api`);
   :func:`plan_config` only validates and plans it;
 - data-aware merges on ``nn.Module`` s: :class:`MergeProblem` -> :class:`MergedModel`
   (see :mod:`unimerge.modelmerge`); :func:`save_merged` / :func:`load` for routed models;
@@ -24,10 +27,12 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from unimerge.api import check_merge, run_merge
     from unimerge.config import MergeConfig, load_config
     from unimerge.core import merge_state_dicts
     from unimerge.errors import CheckpointError, ConfigError, MergeError, PlanError, UnimergeError
-    from unimerge.execute import Check, MergeResult, RunOptions, check_merge, plan_config, run_merge
+    from unimerge.execute import Check, MergeResult, RunOptions, plan_config
+    from unimerge.lora import combine_adapters, merge_adapters
     from unimerge.methods import (
         MergedModel,
         MergeProblem,
@@ -47,7 +52,9 @@ _SOURCES = {
     "unimerge.config": ("MergeConfig", "load_config"),
     "unimerge.core": ("merge_state_dicts",),
     "unimerge.errors": ("CheckpointError", "ConfigError", "MergeError", "PlanError", "UnimergeError"),
-    "unimerge.execute": ("Check", "MergeResult", "RunOptions", "check_merge", "plan_config", "run_merge"),
+    "unimerge.api": ("check_merge", "run_merge"),
+    "unimerge.execute": ("Check", "MergeResult", "RunOptions", "plan_config"),
+    "unimerge.lora": ("combine_adapters", "merge_adapters"),
     "unimerge.methods": (
         "MergedModel",
         "MergeProblem",
@@ -79,11 +86,13 @@ __all__ = [
     "TensorMethod",
     "UnimergeError",
     "check_merge",
+    "combine_adapters",
     "get_method",
     "list_methods",
     "load",
     "load_config",
     "load_merged",
+    "merge_adapters",
     "merge_state_dicts",
     "plan_config",
     "register_method",

@@ -47,6 +47,7 @@ from pydantic import (
     model_validator,
 )
 
+from unimerge.alignconfig import AlignInputs, AlignSpec, check_align
 from unimerge.core import validate_params
 from unimerge.data import SUITES
 from unimerge.errors import ConfigError, describe_invalid
@@ -54,10 +55,13 @@ from unimerge.methods import Method, MethodInfo, ModelMethod, get_method
 from unimerge.vocab import ModelTokenSource, TokenizerSpec, TokenSpec, ZeroSource
 
 __all__ = [
+    "AlignInputs",
+    "AlignSpec",
     "DataSpec",
     "MergeConfig",
     "ModelSpec",
     "ModelTokenSource",
+    "OutputSpec",
     "SliceSpec",
     "SourceSpec",
     "TokenSpec",
@@ -68,6 +72,7 @@ __all__ = [
     "dump_config",
     "load_config",
     "method_params",
+    "read_yaml",
 ]
 
 DType = Literal["float32", "float16", "bfloat16"]
@@ -206,6 +211,25 @@ class SliceSpec(_Strict):
         return self
 
 
+class OutputSpec(_Strict):
+    """``output:`` of a merge of PEFT LoRA adapters (:mod:`unimerge.lora`): a dense model (base + merged
+    update) or a PEFT adapter, re-factorised to ``rank`` or to keep ``energy`` of each update."""
+
+    format: Literal["dense", "peft_lora"] = "dense"
+    rank: int | None = Field(default=None, ge=1, le=1_000_000, description="Rank of every output module.")
+    energy: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="Fraction of squared singular values kept per module."
+    )
+
+    @model_validator(mode="after")
+    def _one_size(self) -> OutputSpec:
+        if self.rank is not None and self.energy is not None:
+            raise ValueError("give `rank` or `energy`, not both")
+        if self.format == "dense" and (self.rank is not None or self.energy is not None):
+            raise ValueError("`rank` and `energy` size an adapter output: use them with `format: peft_lora`")
+        return self
+
+
 class MergeConfig(_Strict):
     """A validated merge configuration (mergekit-compatible)."""
 
@@ -221,6 +245,8 @@ class MergeConfig(_Strict):
     name: str | None = None  # mergekit allows a name; kept for the model card
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
     data: DataSpec | None = None
+    output: OutputSpec | None = None  # merges of PEFT adapters only (unimerge.lora)
+    align: AlignSpec | None = None  # permute the models into one basis first (unimerge.align.run)
 
     @field_validator("dtype", "out_dtype", mode="before")
     @classmethod
@@ -239,8 +265,13 @@ class MergeConfig(_Strict):
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give `tokenizer_source:` or a `tokenizer:` section, not both (as mergekit)")
         info = self.method
-        if info.needs_base and self.base_model is None:
+        if info.needs_base and self.base_model is None and self.output is None:  # adapters: task vectors
             raise ValueError(f"method {info.name!r} needs `base_model:`")
+        if self.align is not None:
+            refs = list(dict.fromkeys([*self.expert_refs(), *([self.base_model] if self.base_model else [])]))
+            adapters = self.output is not None or any("+" in r for r in refs)
+            check_align(self.align, refs, self.base_model, slices=self.slices is not None,
+                        data_aware=isinstance(info, ModelMethod), adapters=adapters)  # fmt: skip
         if isinstance(info, ModelMethod) or self.data is not None:
             _check_data(self)
             return self
@@ -421,14 +452,22 @@ def parse_config(data: Any, path: Path | None = None) -> MergeConfig:
 
 def load_config(path: str | Path) -> MergeConfig:
     """Read and validate a YAML config (safe loading); errors name the file and the key."""
+    return parse_config(read_yaml(path), Path(path))
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in ``path`` (safe loading), not validated.
+
+    Raises:
+        ConfigError: no such file, or not YAML.
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"Config file {p} does not exist.")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
-    return parse_config(data, p)
 
 
 def dump_config(cfg: MergeConfig) -> str:

@@ -21,6 +21,7 @@ __all__ = [
     "merge_stacked",
     "merge_state_dicts",
     "merge_tensor",
+    "split_params",
     "stack_buffer",
     "stack_inputs",
     "stack_per_model",
@@ -174,9 +175,11 @@ def _stack(tensors: Sequence[Tensor], ref: Tensor, device: torch.device | str) -
     return x
 
 
-def _split_kwargs(
+def split_params(
     info: MethodInfo, n: int, kwargs: Mapping[str, Any]
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Python keyword parameters -> ``(global, per-model)`` raw values for :func:`validate_params`:
+    a per-model name with a list value gives one value per model, anything else is global."""
     mkeys = _field_keys(info.model_params)
     global_raw: dict[str, Any] = {}
     per_model: list[dict[str, Any]] = [{} for _ in range(n)]
@@ -214,7 +217,7 @@ def merge_state_dicts(
         raise ConfigError("merge_state_dicts needs at least one expert state dict.")
     if info.needs_base and base is None:
         raise ConfigError(f"Method {info.name!r} needs a base model: pass base=...")
-    global_raw, per_model_raw = _split_kwargs(info, len(experts), params)
+    global_raw, per_model_raw = split_params(info, len(experts), params)
     p, models = validate_params(info, global_raw, per_model_raw)
     stacked = stack_per_model(models, device)
     names = list(experts[0])

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from unimerge.config import MergeConfig, dump_config, load_config, parse_config
 from unimerge.core import compute_dtype, merge_stacked, stack_buffer, stack_per_model, to_method_input
-from unimerge.errors import MergeError
+from unimerge.errors import ConfigError, MergeError
 from unimerge.heap import release_free_memory
 from unimerge.io import OutTensor, ShardedWriter, sha256_file
 from unimerge.io.tokenizer import write_tokenizer
@@ -100,7 +100,8 @@ class _Runner:
 
     def inputs(self, job: TensorJob) -> tuple[Tensor | None, Tensor | None]:
         """``(x, base)``: the sources read straight into one ``(n, *shape)`` compute-dtype buffer on
-        the device (``None`` for a non-float tensor) and the base as stored (or ``None``)."""
+        the device and the base in the compute dtype (or ``None``); for a non-float tensor ``x`` is
+        ``None`` and the base (or first model) is as stored."""
         if job.rows is not None:
             return self._gathered(job)
         read = self.plan.checkpoints
@@ -112,6 +113,8 @@ class _Runner:
         x = stack_buffer(len(job.sources), job.shape, dtype, "cpu")
         for i, src in enumerate(job.sources):
             read[src.model].read_into(src.name, x[i])
+        if base is not None:  # in the compute dtype now: no stored-dtype copy stays alive beside it
+            base = base.to(x.dtype)
         # One cheap pass in the buffer's dtype (a float64 sum would convert the whole buffer first);
         # NaN/Inf make it non-finite, and only then (or on an overflow) a full scan names the input.
         total = float(x.sum()) + (float(base.sum()) if base is not None else 0.0)
@@ -325,6 +328,15 @@ def _engine(method: Method) -> _Engine:
             return DataAware()
 
 
+def _refuse_align(cfg: MergeConfig) -> None:
+    """``align:`` is run by :mod:`unimerge.align.run`, which sits above this module."""
+    if cfg.align is not None:
+        raise ConfigError(
+            "This config has an `align:` section, which unimerge.align.run.run_aligned_merge runs (as "
+            "`unimerge merge` does); run_merge and check_merge would merge the models unaligned."
+        )
+
+
 def check_merge(
     config: MergeConfig | str | Path | Mapping[str, Any],
     out_dir: str | Path,
@@ -336,6 +348,7 @@ def check_merge(
         >>> for label, value in check_merge("ties.yaml", "out/").rows: print(label, value)
     """
     cfg, cdir = _as_config(config)
+    _refuse_align(cfg)
     return _engine(cfg.method).check(cfg, cdir, Path(out_dir), options)
 
 
@@ -355,4 +368,5 @@ def run_merge(
         >>> run_merge("ties.yaml", "out/", RunOptions(threads=4))
     """
     cfg, cdir = _as_config(config)
+    _refuse_align(cfg)
     return _engine(cfg.method).run(cfg, cdir, Path(out_dir), options, progress)

@@ -1,4 +1,4 @@
-"""The ``unimerge`` command: parse, call the library, print (merge | validate | methods | moe | bench | diagnose | masks | task | provenance)."""
+"""The ``unimerge`` command: parse, call the library, print (merge | validate | methods | moe | bench | diagnose | masks | task | provenance | extract-lora)."""
 
 from __future__ import annotations
 
@@ -53,11 +53,19 @@ def merge(
     ] = False,
 ) -> None:
     """Merge the models in CONFIG and write a Hugging Face folder to OUTPUT_DIR."""
-    from unimerge.execute import RunOptions, run_merge
+    from unimerge.api import run_merge  # `align:` configs too (unimerge.align.run)
+    from unimerge.execute import RunOptions
     from unimerge.io.writer import format_size
 
     opts = RunOptions(threads=threads, device=device, out_shard_size=_size(out_shard_size), force=force,
                       seed=seed, allow_pickle=allow_pickle)  # fmt: skip
+    from unimerge.lora.run import is_adapter_config
+
+    if guard(lambda: is_adapter_config(config)):  # PEFT adapters: update level (refuses `align:`)
+        from unimerge.cli.lora import merge_adapter_config
+
+        merge_adapter_config(config, output_dir, opts)
+        return
     with progress_bars() as report:
         result = guard(lambda: run_merge(config, output_dir, opts, progress=report))
     warn(result.warnings)
@@ -75,7 +83,8 @@ def validate(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle")] = False,
 ) -> None:
     """Check CONFIG against the inputs (headers, data, sidecars) without merging; print a summary."""
-    from unimerge.execute import RunOptions, check_merge
+    from unimerge.api import check_merge  # adapter configs: their plan (unimerge.lora)
+    from unimerge.execute import RunOptions
 
     check = guard(
         lambda: check_merge(config, output_dir, RunOptions(threads=threads, allow_pickle=allow_pickle))
@@ -111,12 +120,14 @@ def methods(
 def _register_subcommands() -> None:
     from unimerge.cli.bench import bench
     from unimerge.cli.diagnose import diagnose
+    from unimerge.cli.lora import extract_lora
     from unimerge.cli.masks import masks, task
     from unimerge.cli.moe import moe
     from unimerge.cli.provenance import provenance
 
     app.command("bench")(bench)
     app.command("diagnose")(diagnose)
+    app.command("extract-lora")(extract_lora)
     app.command("moe")(moe)
     app.command("masks")(masks)
     app.command("task")(task)

@@ -23,9 +23,19 @@ import torch
 from unimerge.errors import CheckpointError
 from unimerge.io.checkpoint import Checkpoint, TensorMeta, open_path
 
-__all__ = ["LoraCheckpoint", "LoraSettings", "LoraTarget", "open_lora_checkpoint", "read_adapter_config"]
+__all__ = [
+    "PEFT_PREFIX",
+    "LoraCheckpoint",
+    "LoraPair",
+    "LoraSettings",
+    "LoraTarget",
+    "match_lora_tensors",
+    "open_adapter_weights",
+    "open_lora_checkpoint",
+    "read_adapter_config",
+]
 
-_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."  # PEFT saves every adapter tensor under this prefix
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_(?:embedding_)?[AB])(?:\.[^.]+)?(?:\.weight)?$")
 _SAVED_MODULE = re.compile(r"\.modules_to_save(\.[^.]+)?(?=\.[^.]+$)")
 
@@ -40,6 +50,7 @@ class LoraSettings:
     fan_in_fan_out: bool = False
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
+    base_model: str | None = None  # base_model_name_or_path, as the adapter names it
 
     def rank_and_scale(self, module: str) -> tuple[int, float]:
         """``(r, s)`` for a module path (e.g. ``model.layers.0.self_attn.q_proj``), patterns applied."""
@@ -102,10 +113,16 @@ def read_adapter_config(folder: Path) -> LoraSettings:
         fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
         rank_pattern=tuple((cfg.get("rank_pattern") or {}).items()),
         alpha_pattern=tuple((cfg.get("alpha_pattern") or {}).items()),
+        base_model=base if isinstance(base := cfg.get("base_model_name_or_path"), str) else None,
     )
 
 
-def _adapter_weights(folder: Path, allow_pickle: bool) -> Checkpoint:
+def open_adapter_weights(folder: Path, allow_pickle: bool = False) -> Checkpoint:
+    """The tensors of a PEFT adapter folder (``adapter_model.safetensors``; headers only).
+
+    Raises:
+        CheckpointError: No adapter weights in ``folder``.
+    """
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
         if (folder / name).is_file():
             return open_path(str(folder / name), folder / name, allow_pickle)
@@ -132,45 +149,78 @@ def _lora_target(
     return LoraTarget(a=a.name, b=b.name, scale=scale, transpose=transpose)
 
 
-def _plan(
-    base: dict[str, TensorMeta], adapter: dict[str, TensorMeta], settings: LoraSettings, where: str
-) -> tuple[dict[str, LoraTarget], dict[str, str]]:
-    """Match adapter tensors to base tensors: (LoRA targets, full replacements), by base name."""
+@dataclass(frozen=True)
+class LoraPair:
+    """The two factor tensors PEFT saved for one adapted module (``lora_embedding_*`` for embeddings)."""
+
+    a: TensorMeta  # (r, in)
+    b: TensorMeta  # (out, r)
+
+    @property
+    def embedding(self) -> bool:
+        """Whether these are ``lora_embedding_A/B`` (the delta is ``(B @ A).T``)."""
+        return ".lora_embedding_" in self.a.name
+
+
+def match_lora_tensors(
+    adapter: dict[str, TensorMeta], where: str
+) -> tuple[dict[str, LoraPair], dict[str, TensorMeta]]:
+    """Sort an adapter's tensors: ``(module path -> LoRA pair, replaced tensor name -> tensor)``.
+
+    Module paths drop PEFT's ``base_model.model.`` prefix (``model.layers.0.self_attn.q_proj``); the
+    second map holds ``modules_to_save`` copies under the base tensor name they replace.
+
+    Raises:
+        CheckpointError: A DoRA tensor, or a lora_A without its lora_B (or the reverse).
+    """
     pairs: dict[str, dict[str, TensorMeta]] = {}
-    replace: dict[str, str] = {}
+    replace: dict[str, TensorMeta] = {}
     for name, meta in adapter.items():
-        short = name.removeprefix(_PREFIX)
+        short = name.removeprefix(PEFT_PREFIX)
         if "lora_magnitude_vector" in short:
             raise CheckpointError(f"{where}: {name} is a DoRA tensor; DoRA adapters are not supported.")
         m = _LORA_KEY.match(short)
         if m:
             pairs.setdefault(m["module"], {})[m["kind"][-1]] = meta
-            continue
-        target = _SAVED_MODULE.sub("", short)
-        if target not in base:
-            raise CheckpointError(
-                f"{where}: adapter tensor {name!r} names {target!r}, which the base model lacks."
-            )
-        if tuple(meta.shape) != base[target].shape:
-            raise CheckpointError(
-                f"{where}: {name} {list(meta.shape)} replaces {target} {list(base[target].shape)}: shapes differ "
-                "(was the vocabulary resized?). Use the base model the adapter was trained on."
-            )
-        replace[target] = name
-    targets: dict[str, LoraTarget] = {}
+        else:
+            replace[_SAVED_MODULE.sub("", short)] = meta
+    out: dict[str, LoraPair] = {}
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             have = next(iter(ab.values())).name
             raise CheckpointError(
                 f"{where}: {have} has no matching lora_{'B' if 'A' in ab else 'A'}; re-save the adapter."
             )
+        out[module] = LoraPair(ab["A"], ab["B"])
+    return out, replace
+
+
+def _plan(
+    base: dict[str, TensorMeta], adapter: dict[str, TensorMeta], settings: LoraSettings, where: str
+) -> tuple[dict[str, LoraTarget], dict[str, str]]:
+    """Match adapter tensors to base tensors: (LoRA targets, full replacements), by base name."""
+    pairs, saved = match_lora_tensors(adapter, where)
+    replace: dict[str, str] = {}
+    for target, meta in saved.items():
+        if target not in base:
+            raise CheckpointError(
+                f"{where}: adapter tensor {meta.name!r} names {target!r}, which the base model lacks."
+            )
+        if tuple(meta.shape) != base[target].shape:
+            raise CheckpointError(
+                f"{where}: {meta.name} {list(meta.shape)} replaces {target} {list(base[target].shape)}: shapes differ "
+                "(was the vocabulary resized?). Use the base model the adapter was trained on."
+            )
+        replace[target] = meta.name
+    targets: dict[str, LoraTarget] = {}
+    for module, ab in pairs.items():
         weight = f"{module}.weight"
         if weight not in base:
             raise CheckpointError(
-                f"{where}: adapter tensor {ab['A'].name!r} adapts module {module!r}, but the base model has no "
+                f"{where}: adapter tensor {ab.a.name!r} adapts module {module!r}, but the base model has no "
                 f"tensor {weight!r}. Is this the adapter's base model?"
             )
-        targets[weight] = _lora_target(module, ab["A"], ab["B"], base[weight], settings, where)
+        targets[weight] = _lora_target(module, ab.a, ab.b, base[weight], settings, where)
     return targets, replace
 
 
@@ -231,7 +281,7 @@ def open_lora_checkpoint(
             f"Adapter {adapter_dir} is not a folder; give the PEFT folder with adapter_config.json."
         )
     settings = read_adapter_config(adapter_dir)
-    adapter = _adapter_weights(adapter_dir, allow_pickle)
+    adapter = open_adapter_weights(adapter_dir, allow_pickle)
     try:
         targets, replace = _plan(base.tensors(), adapter.tensors(), settings, f"Adapter {adapter_dir}")
     except CheckpointError:
