@@ -1,7 +1,9 @@
-"""Llama-shaped fp32 checkpoints for ``merge_speed.py``: a base and experts (base + small noise).
+"""Llama-shaped checkpoints for ``merge_speed.py``: a base and experts (base + small noise).
 
-Built once under ``$UNIMERGE_CACHE/bench-speed/<size>`` (default ``~/.cache/unimerge``), atomically,
-then reused; sharded at ``SHARD_BYTES`` like the merges that read them.
+fp32 by default, or bf16 (``dtype="bfloat16"``); sizes from a parameter count (``shape_for``) or
+named real shapes (``SHAPES``: TinyLlama-1.1B with grouped-query attention, Llama-2-7B). Built once
+under ``$UNIMERGE_CACHE/bench-speed/<label>`` (default ``~/.cache/unimerge``), atomically, then
+reused; sharded at ``SHARD_BYTES`` like the merges that read them.
 """
 
 from __future__ import annotations
@@ -26,13 +28,18 @@ VOCAB = 32000
 
 @dataclass(frozen=True)
 class LlamaShape:
-    """Sizes of a Llama decoder (no GQA, untied embeddings)."""
+    """Sizes of a Llama decoder (untied embeddings; ``kv_heads < heads`` is grouped-query attention)."""
 
     layers: int
     hidden: int
     intermediate: int
     vocab: int
     heads: int
+    kv_heads: int = 0  # 0: as many as ``heads`` (no GQA)
+
+    @property
+    def kv_dim(self) -> int:
+        return (self.kv_heads or self.heads) * (self.hidden // self.heads)
 
     def tensors(self) -> dict[str, tuple[int, ...]]:
         """Tensor name -> shape, in the order a Hugging Face Llama checkpoint stores them."""
@@ -40,8 +47,13 @@ class LlamaShape:
         shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, h)}
         for k in range(self.layers):
             p = f"model.layers.{k}."
-            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                shapes[f"{p}self_attn.{proj}.weight"] = (h, h)
+            for proj, rows in (
+                ("q_proj", h),
+                ("k_proj", self.kv_dim),
+                ("v_proj", self.kv_dim),
+                ("o_proj", h),
+            ):
+                shapes[f"{p}self_attn.{proj}.weight"] = (rows, h)
             shapes[f"{p}mlp.gate_proj.weight"] = (i, h)
             shapes[f"{p}mlp.up_proj.weight"] = (i, h)
             shapes[f"{p}mlp.down_proj.weight"] = (h, i)
@@ -56,20 +68,33 @@ class LlamaShape:
         return sum(math.prod(s) for s in self.tensors().values())
 
     @property
+    def largest_numel(self) -> int:
+        return max(math.prod(s) for s in self.tensors().values())
+
+    @property
     def largest_bytes(self) -> int:
         """Bytes of the largest tensor in fp32."""
-        return 4 * max(math.prod(s) for s in self.tensors().values())
+        return 4 * self.largest_numel
 
-    def config(self) -> dict[str, Any]:
+    def config(self, dtype: str = "float32") -> dict[str, Any]:
         """A ``LlamaConfig`` as ``config.json``."""
         return {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab,
             "hidden_size": self.hidden, "intermediate_size": self.intermediate,
             "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
-            "num_key_value_heads": self.heads, "hidden_act": "silu", "max_position_embeddings": 2048,
+            "num_key_value_heads": self.kv_heads or self.heads, "hidden_act": "silu", "max_position_embeddings": 2048,
             "initializer_range": 0.02, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": dtype,
         }  # fmt: skip
+
+
+# Real model shapes: TinyLlama-1.1B (TinyLlama/TinyLlama-1.1B-Chat-v1.0's config.json: GQA with 4
+# key/value heads) and Llama-2-7B (meta-llama/Llama-2-7b-hf's).
+SHAPES = {
+    "tinyllama-1.1b": LlamaShape(22, 2048, 5632, 32000, 32, kv_heads=4),
+    "llama-7b": LlamaShape(32, 4096, 11008, 32000, 32),
+}
+BYTES = {"float32": 4, "bfloat16": 2}
 
 
 def parse_count(text: str) -> int:
@@ -99,34 +124,61 @@ def _tensor(shape: tuple[int, ...], seed: int, name: str, scale: float, offset: 
     return (offset * base + scale * torch.randn(shape, generator=g)).contiguous()
 
 
-def _write_model(folder: Path, shape: LlamaShape, model: int) -> None:
-    """Model 0 is the base; model k > 0 is the base plus 0.002 * N(0, 1) noise. Sharded at SHARD_BYTES."""
-    from safetensors.torch import save_file
+class _ShardedWriter:
+    """Writes one model's tensors in order into shards of at most ``SHARD_BYTES``."""
 
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(shape.config(), indent=2))
-    shards: list[dict[str, Any]] = [{}]
-    size = 0
+    def __init__(self, folder: Path, shape: LlamaShape, dtype: str) -> None:
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(shape.config(dtype), indent=2))
+        self.folder, self.size = folder, 0
+        self.shard: dict[str, Any] = {}
+        self.files: list[Path] = []
+        self.weight_map: dict[str, int] = {}
+        self.total = BYTES[dtype] * shape.params
+
+    def add(self, name: str, t: Any) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.shard and self.size + nbytes > SHARD_BYTES:
+            self._flush()
+        self.shard[name] = t
+        self.size += nbytes
+        self.weight_map[name] = len(self.files)
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.folder / f"part-{len(self.files)}.safetensors"
+        save_file(self.shard, str(path), metadata={"format": "pt"})
+        self.files.append(path)
+        self.shard, self.size = {}, 0
+
+    def close(self) -> None:
+        self._flush()
+        n = len(self.files)
+        names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        for path, fname in zip(self.files, names, strict=True):
+            path.rename(self.folder / fname)
+        index = {"metadata": {"total_size": self.total},
+                 "weight_map": {t: names[k] for t, k in self.weight_map.items()}}  # fmt: skip
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_models(folder: Path, shape: LlamaShape, n_models: int, dtype: str) -> None:
+    """``model0`` is the base; ``model<k>`` is the base plus 0.002 * N(0, 1) noise, cast to ``dtype``.
+    Tensor by tensor for all models at once, so the base is drawn once; sharded at SHARD_BYTES."""
+    import torch
+
+    writers = [_ShardedWriter(folder / f"model{k}", shape, dtype) for k in range(n_models)]
     for idx, (name, s) in enumerate(shape.tensors().items()):
-        t = _tensor(s, 1000 * idx, name, 0.02, 1.0)
-        if model:
-            t += _tensor(s, 1000 * idx + model, name, 0.002, 0.0)
-        if shards[-1] and size + t.numel() * 4 > SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += t.numel() * 4
-    n = len(shards)
-    weight_map = {}
-    for k, shard in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
-    index = {"metadata": {"total_size": 4 * shape.params}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        base = _tensor(s, 1000 * idx, name, 0.02, 1.0)
+        for k, w in enumerate(writers):
+            t = base + _tensor(s, 1000 * idx + k, name, 0.002, 0.0) if k else base
+            w.add(name, t.to(getattr(torch, dtype)))
+    for w in writers:
+        w.close()
 
 
-def build_checkpoints(root: Path, shape: LlamaShape, n_models: int = 4) -> list[Path]:
+def build_checkpoints(root: Path, shape: LlamaShape, n_models: int = 4, dtype: str = "float32") -> list[Path]:
     """Base + experts under ``root`` (``model0`` is the base); built once, atomically, then reused."""
     if (root / "DONE").exists():
         return [root / f"model{k}" for k in range(n_models)]
@@ -134,12 +186,11 @@ def build_checkpoints(root: Path, shape: LlamaShape, n_models: int = 4) -> list[
         shutil.rmtree(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=mkdir_p(root.parent)))
     start = time.perf_counter()
-    for k in range(n_models):
-        _write_model(tmp / f"model{k}", shape, k)
-    (tmp / "DONE").write_text(json.dumps(asdict(shape)))
+    _write_models(tmp, shape, n_models, dtype)
+    (tmp / "DONE").write_text(json.dumps({**asdict(shape), "dtype": dtype, "n_models": n_models}))
     os.replace(tmp, root)
     print(
-        f"built {n_models} checkpoints of {shape.params / 1e6:.1f}M params in {root} "
+        f"built {n_models} {dtype} checkpoints of {shape.params / 1e6:.1f}M params in {root} "
         f"({time.perf_counter() - start:.0f} s)",
         file=sys.stderr,
     )

@@ -1,7 +1,7 @@
 """Merge speed and memory against an I/O floor measured in the same run.
 
-Builds Llama-shaped fp32 checkpoints of a chosen size (default ~220M parameters: a base and three
-experts) under ``$UNIMERGE_CACHE/bench-speed/<size>`` (default ``~/.cache/unimerge``), reused when
+Builds Llama-shaped checkpoints of a chosen size (default ~220M parameters, fp32: a base and three
+experts; ``--shape tinyllama-1.1b --dtype bfloat16`` for TinyLlama's real shape in bf16) under ``$UNIMERGE_CACHE/bench-speed/<size>`` (default ``~/.cache/unimerge``), reused when
 present. Then, each in a fresh subprocess so that peak RSS is per run, it times:
 
 - the I/O floor: read every input tensor with ``safetensors`` and write one output of the same size
@@ -14,14 +14,21 @@ present. Then, each in a fresh subprocess so that peak RSS is per run, it times:
   alone (``unimerge methods --json``, ``mergekit-yaml --help``).
 
 Each method runs right after a floor over the same inputs and its ratio is taken against that floor,
-so load from other processes on the machine shifts both. All runs read warm files (nothing is dropped
-from the page cache; a warm-up floor runs first). Targets: ``linear`` <= 1.5x the floor, ``ties``
-<= 2.5x, every method >= 3x faster than mergekit, peak RSS <= (n_models + 3) x largest tensor + 500 MB.
+so load from other processes on the machine shifts both. Inputs that fit in half the memory are read
+warm (a warm-up floor runs first; nothing is dropped from the page cache), larger ones from disk.
+Targets: ``linear`` <= 1.5x the floor, ``ties`` <= 2.5x (1.5x for bf16 inputs), every method >= 3x
+faster than mergekit, peak RSS <= (n_models + 3) x largest float32 tensor + 500 MB.
+
+With ``--vs-mergekit`` the table also shows the floor's own process time and mergekit's process over
+it ("floor's speedup"): the most any tool that reads every input and writes (and fsyncs) one output
+could gain on mergekit here, since the floor merges nothing.
 
 Usage::
 
     python benchmarks/merge_speed.py --params 220M --threads 2 --repeats 1 --out-json speed.json
     python benchmarks/merge_speed.py --params 60M --methods linear,ties --vs-mergekit
+    python benchmarks/merge_speed.py --shape tinyllama-1.1b --dtype bfloat16 --vs-mergekit --repeats 2
+    python benchmarks/merge_speed.py --shape llama-7b --dtype bfloat16 --n-models 3 --methods ties,linear
 """
 
 from __future__ import annotations
@@ -41,10 +48,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_checkpoints import MB, SHARD_BYTES, build_checkpoints, cache_dir, mkdir_p, parse_count, shape_for
+from llama_checkpoints import (
+    BYTES,
+    MB,
+    SHAPES,
+    SHARD_BYTES,
+    LlamaShape,
+    build_checkpoints,
+    cache_dir,
+    mkdir_p,
+    parse_count,
+    shape_for,
+)
 
 METHODS = ("linear", "ties", "dare_ties", "slerp")
-TARGETS = {"linear": 1.5, "ties": 2.5}  # max ratio to the floor
+TARGETS = {"linear": 1.5, "ties": 2.5}  # max ratio to the floor (float32 inputs)
+TARGETS_BF16 = {"linear": 1.5, "ties": 1.5}  # bf16 inputs (issue 12): the floor moves half the bytes
 MIN_SPEEDUP = 3.0  # vs mergekit
 # Every child (floor, unimerge, mergekit) gets PyTorch's huge-page allocator, as the `unimerge` CLI sets it.
 CHILD_ENV = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1"}
@@ -53,7 +72,7 @@ CHILD_ENV = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1"}
 # ----------------------------------------------------------------------------- configs
 
 
-def merge_config(method: str, models: list[Path]) -> dict[str, Any]:
+def merge_config(method: str, models: list[Path], dtype: str = "float32") -> dict[str, Any]:
     """A mergekit YAML config (also unimerge's) for ``method`` over ``models`` (``models[0]`` = base)."""
     base, experts = str(models[0]), [str(m) for m in models[1:]]
     if method == "linear":  # plain average of all four
@@ -62,19 +81,19 @@ def merge_config(method: str, models: list[Path]) -> dict[str, Any]:
             "merge_method": "linear",
             "models": specs,
             "parameters": {"normalize": True},
-            "dtype": "float32",
+            "dtype": dtype,
         }
     if method == "slerp":
         return {"merge_method": "slerp", "base_model": base,
                 "models": [{"model": base}, {"model": experts[0]}],
-                "parameters": {"t": 0.5}, "dtype": "float32"}  # fmt: skip
+                "parameters": {"t": 0.5}, "dtype": dtype}  # fmt: skip
     specs = [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in experts]
     return {"merge_method": method, "base_model": base, "models": specs,
-            "parameters": {"normalize": True}, "dtype": "float32"}  # fmt: skip
+            "parameters": {"normalize": True}, "dtype": dtype}  # fmt: skip
 
 
-def n_inputs(method: str) -> int:
-    return 2 if method == "slerp" else 4
+def n_inputs(method: str, n_models: int) -> int:
+    return 2 if method == "slerp" else n_models
 
 
 # ----------------------------------------------------------------------------- child processes
@@ -211,13 +230,21 @@ class Row:
     mergekit_rss_mb: float | None = None
     speedup: float | None = None
     speedup_after_startup: float | None = None  # (mergekit - its start-up) / (unimerge - its start-up)
+    floor_process_s: float | None = None  # the floor's whole process (interpreter and imports included)
+    # mergekit's process over the floor's: the most any tool that reads every input and fsyncs its
+    # output could be faster than mergekit here (the floor reads through safetensors, starts no torch
+    # start-up beyond the import, and computes nothing)
+    ceiling: float | None = None
 
 
 class Bench:
     """Runs floors, unimerge and mergekit in fresh subprocesses, writing to a scratch folder."""
 
-    def __init__(self, models: list[Path], work: Path, threads: int, mergekit: str | None) -> None:
+    def __init__(
+        self, models: list[Path], work: Path, threads: int, mergekit: str | None, dtype: str = "float32"
+    ) -> None:
         self.models, self.work, self.threads, self.mergekit = models, work, threads, mergekit
+        self.dtype = dtype
         self.runs: list[Run] = []
 
     def _out(self) -> Path:
@@ -229,7 +256,7 @@ class Bench:
         path = self.work / f"{method}.yaml"
         import yaml
 
-        path.write_text(yaml.safe_dump(merge_config(method, self.models), sort_keys=False))
+        path.write_text(yaml.safe_dump(merge_config(method, self.models, self.dtype), sort_keys=False))
         return path
 
     def floor(self, n: int) -> Run:
@@ -245,7 +272,9 @@ class Bench:
 
     def mergekit_run(self, method: str) -> Run:
         out = self._out()
-        shard_params = str(SHARD_BYTES // 4)  # mergekit counts parameters per shard, not bytes
+        shard_params = str(
+            SHARD_BYTES // BYTES[self.dtype]
+        )  # mergekit counts parameters per shard, not bytes
         cmd = [str(self.mergekit), str(self._config(method)), str(out), "--out-shard-size", shard_params,
                "--lazy-unpickle", "--no-copy-tokenizer", "--random-seed", "0", "--quiet"]  # fmt: skip
         return self._timed(f"mergekit/{method}", cmd, out)
@@ -276,7 +305,7 @@ def run_method(
     bench: Bench, method: str, repeats: int, largest: int, startup: tuple[float, float] | None
 ) -> Row:
     """``repeats`` x (floor over the same inputs, then the method); medians of times and ratios."""
-    n = n_inputs(method)
+    n = n_inputs(method, len(bench.models))
     floors, merges = [], []
     for _ in range(repeats):
         floors.append(bench.floor(n))
@@ -291,13 +320,15 @@ def run_method(
         peak_rss_mb=max(m.peak_rss_mb for m in merges),
         peak_anon_mb=max(m.peak_anon_mb for m in merges),
         rss_bound_mb=((n + 3) * largest + 500 * MB) / MB,
-        target_ratio=TARGETS.get(method),
+        target_ratio=(TARGETS_BF16 if bench.dtype == "bfloat16" else TARGETS).get(method),
+        floor_process_s=statistics.median(f.wall_s for f in floors),
     )  # fmt: skip
     if bench.mergekit:
         mk = [bench.mergekit_run(method) for _ in range(repeats)]
         row.mergekit_s = statistics.median(r.wall_s for r in mk)
         row.mergekit_rss_mb = max(r.peak_rss_mb for r in mk)
         row.speedup = row.mergekit_s / row.process_s
+        row.ceiling = row.mergekit_s / row.floor_process_s
         mk_rest, um_rest = (
             (row.mergekit_s - startup[1], row.process_s - startup[0]) if startup else (0.0, 0.0)
         )
@@ -320,15 +351,16 @@ def table(rows: list[Row], with_mergekit: bool) -> str:
     head = ["method", "inputs", "wall s", "floor s", "ratio", "target", "peak RSS MB", "anon RSS MB",
             "RSS bound MB"]  # fmt: skip
     if with_mergekit:
-        head += ["process s", "mergekit s", "mergekit RSS MB", "speedup", "speedup after start-up"]
+        head += ["process s", "floor process s", "mergekit s", "mergekit RSS MB", "speedup",
+                 "floor's speedup", "speedup after start-up"]  # fmt: skip
     lines = ["| " + " | ".join(head + ["verdict"]) + " |", "|" + "---|" * (len(head) + 1)]
     for r in rows:
         cells = [r.method, str(r.n_inputs), f"{r.wall_s:.2f}", f"{r.floor_s:.2f}", f"{r.ratio:.2f}x",
                  f"<= {r.target_ratio}x" if r.target_ratio else "-", f"{r.peak_rss_mb:.0f}",
                  f"{r.peak_anon_mb:.0f}", f"{r.rss_bound_mb:.0f}"]  # fmt: skip
         if with_mergekit:
-            cells += [f"{r.process_s:.2f}", f"{r.mergekit_s:.2f}", f"{r.mergekit_rss_mb:.0f}",
-                      f"{r.speedup:.2f}x",
+            cells += [f"{r.process_s:.2f}", f"{r.floor_process_s:.2f}", f"{r.mergekit_s:.2f}",
+                      f"{r.mergekit_rss_mb:.0f}", f"{r.speedup:.2f}x", f"{r.ceiling:.2f}x",
                       f"{r.speedup_after_startup:.2f}x" if r.speedup_after_startup else "-"]  # fmt: skip
         lines.append("| " + " | ".join(cells + [_verdict(r)]) + " |")
     return "\n".join(lines)
@@ -351,6 +383,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--params", type=parse_count, default=parse_count("220M"), help="model size (default 220M)"
     )
+    p.add_argument(
+        "--shape", choices=sorted(SHAPES), default=None, help="a real model's shape instead of --params"
+    )
+    p.add_argument("--dtype", choices=sorted(BYTES), default="float32", help="checkpoint and merge dtype")
+    p.add_argument(
+        "--n-models", type=int, default=4, help="checkpoints: the base and N-1 experts (default 4)"
+    )
     p.add_argument("--threads", type=int, default=2, help="unimerge worker threads (default 2)")
     p.add_argument(
         "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}"
@@ -371,29 +410,47 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def checkpoint_label(shape: LlamaShape, name: str | None, dtype: str, n_models: int) -> str:
+    """The cache folder's name: the size (fp32 base + 3, as before) or the shape's name, then dtype and count."""
+    label = name or f"{round(shape.params / 1e6)}M"
+    if dtype != "float32":
+        label += "-bf16" if dtype == "bfloat16" else f"-{dtype}"
+    return label if n_models == 4 else f"{label}-x{n_models}"
+
+
+def fits_page_cache(shape: LlamaShape, dtype: str, n_models: int) -> bool:
+    """Whether every input fits in half of this machine's memory (else a warm-up read is pointless)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return n_models * BYTES[dtype] * shape.params < total // 2
+
+
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     mergekit = find_mergekit(args.mergekit_bin) if args.vs_mergekit else None
-    shape = shape_for(args.params)
-    label = f"{round(shape.params / 1e6)}M"
+    shape = SHAPES[args.shape] if args.shape else shape_for(args.params)
+    label = checkpoint_label(shape, args.shape, args.dtype, args.n_models)
     root = (args.cache or cache_dir() / "bench-speed") / label
-    models = build_checkpoints(root, shape)
+    models = build_checkpoints(root, shape, args.n_models, args.dtype)
     work = args.work or Path(tempfile.mkdtemp(prefix="unimerge-speed-"))
+    warm = fits_page_cache(shape, args.dtype, args.n_models)
     print(
-        f"{label} params ({shape}), largest tensor {shape.largest_bytes / MB:.0f} MB, "
-        f"threads {args.threads}, {os.cpu_count()} CPUs",
+        f"{label}: {shape.params / 1e6:.0f}M params ({shape}), {args.dtype}, largest tensor "
+        f"{shape.largest_numel * BYTES[args.dtype] / MB:.0f} MB, threads {args.threads}, {os.cpu_count()} CPUs, "
+        f"inputs {'warm (page cache)' if warm else 'larger than the page cache: read from disk'}",
         file=sys.stderr,
     )
-    bench = Bench(models, mkdir_p(work), args.threads, mergekit)
+    bench = Bench(models, mkdir_p(work), args.threads, mergekit, args.dtype)
     try:
-        bench.floor(4)  # warm-up: pulls every input into the page cache (not reported)
+        if warm:
+            bench.floor(len(models))  # warm-up: pulls every input into the page cache (not reported)
         startup = bench.startup(max(3, args.repeats)) if mergekit else None
         rows = [run_method(bench, m, args.repeats, shape.largest_bytes, startup) for m in args.methods]
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     print(
-        f"\n{label} parameters, {len(models)} fp32 checkpoints of {4 * shape.params / 1e9:.2f} GB, "
+        f"\n{label}: {shape.params / 1e6:.0f}M parameters, {len(models)} {args.dtype} checkpoints of "
+        f"{BYTES[args.dtype] * shape.params / 1e9:.2f} GB, "
         f"threads={args.threads}, repeats={args.repeats}, {time.strftime('%Y-%m-%d %H:%M')}\n"
     )
     if startup:
@@ -403,7 +460,8 @@ def main(argv: list[str]) -> None:
         )
     print(table(rows, mergekit is not None))
     if args.out_json:
-        blob = {"params": shape.params, "shape": asdict(shape), "threads": args.threads, "repeats": args.repeats,
+        blob = {"params": shape.params, "shape": asdict(shape), "dtype": args.dtype, "label": label,
+                "threads": args.threads, "repeats": args.repeats,
                 "startup_s": {"unimerge": startup[0], "mergekit": startup[1]} if startup else None,
                 "rows": [asdict(r) for r in rows], "runs": [asdict(r) for r in bench.runs],
                 "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpus": os.cpu_count()}  # fmt: skip
