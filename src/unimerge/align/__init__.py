@@ -8,6 +8,8 @@
   ICLR 2023); :func:`linear_path` measures loss and accuracy barriers, :func:`plot_paths` draws them.
 - :func:`align_models` / :func:`merge_aligned` make alignment a pre-merge step for any registered
   data-free method (through :func:`unimerge.merge_state_dicts`).
+- :func:`zipit` / :func:`zip_models` merge two or more models trained on different tasks (ZipIt!,
+  Stoica et al., ICLR 2024); :func:`partial_zip` zips them up to a layer and keeps one head each.
 
 Needs scipy for the linear assignments (``pip install 'unimerge[align]'``).
 """
@@ -19,13 +21,15 @@ from unimerge.align.barrier import LinearPath, PathPoint, evaluate, interpolate,
 from unimerge.align.derive import permutation_spec
 from unimerge.align.matching import apply_permutation, match_weights, weight_matching
 from unimerge.align.merge import align_models, merge_aligned
+from unimerge.align.partial import PartialZip, partial_zip
 from unimerge.align.repair import repair, reset_batchnorm
 from unimerge.align.spec import Axis, PermutationSpec, declare_spec
-from unimerge.align.zipit import ZipMatrices, zip_matrices, zipit
+from unimerge.align.zipit import ZipMatrices, zip_matrices, zip_models, zipit
 
 __all__ = [
     "Axis",
     "LinearPath",
+    "PartialZip",
     "PathPoint",
     "PermutationSpec",
     "ZipMatrices",
@@ -39,11 +43,13 @@ __all__ = [
     "match_activations",
     "match_weights",
     "merge_aligned",
+    "partial_zip",
     "permutation_spec",
     "plot_paths",
     "repair",
     "reset_batchnorm",
     "weight_matching",
     "zip_matrices",
+    "zip_models",
     "zipit",
 ]

@@ -35,6 +35,7 @@ __all__ = [
     "checked_batches",
     "correlation_stats",
     "eval_mode",
+    "joint_correlation_stats",
     "match_activations",
 ]
 
@@ -147,22 +148,36 @@ def correlation_stats(
 
     Each entry correlates ``reference``'s units (rows) with ``model``'s (columns); with ``joint``
     both sides are the two models' units concatenated, ``reference`` first (``2 * units`` each):
-    ZipIt!'s correlation of the concatenated features.
+    ZipIt!'s correlation of the concatenated features (:func:`joint_correlation_stats`).
     """
-    tg = trace_groups(reference, tuple(example_inputs))
+    return _stats((reference, model), batches, example_inputs, joint=joint)
+
+
+def joint_correlation_stats(
+    models: Sequence[nn.Module], batches: Iterable[object], example_inputs: Sequence[object]
+) -> tuple[PermutationSpec, dict[str, list[CorrelationStats]]]:
+    """As :func:`correlation_stats` with ``joint``, for any number of models: each entry correlates
+    the ``len(models) * units`` features of all models, concatenated in order, with themselves."""
+    return _stats(models, batches, example_inputs, joint=True)
+
+
+def _stats(
+    models: Sequence[nn.Module], batches: Iterable[object], example_inputs: Sequence[object], *, joint: bool
+) -> tuple[PermutationSpec, dict[str, list[CorrelationStats]]]:
+    tg = trace_groups(models[0], tuple(example_inputs))
     spec, plan = tg.spec(), _where(tg)
-    runners = [_Recorder(trace_graph(m, tuple(example_inputs)), set(plan)) for m in (reference, model)]
-    width = 2 if joint else 1
+    runners = [_Recorder(trace_graph(m, tuple(example_inputs)), set(plan)) for m in models]
+    width = len(models) if joint else 1
     stats = {node: CorrelationStats(width * spec.sizes[g]) for node, (g, _) in plan.items()}
-    with torch.no_grad(), eval_mode(reference, model):
+    with torch.no_grad(), eval_mode(*models):
         for batch in batches:
             for r in runners:
                 r.run(*as_inputs(batch))
             for node, (_, axis) in plan.items():
-                a, b = _rows(runners[0].seen[node], axis), _rows(runners[1].seen[node], axis)
+                rows = [_rows(r.seen[node], axis) for r in runners]
                 if joint:
-                    a = b = torch.cat([a, b], dim=1)
-                stats[node].update(a, b)
+                    rows = [torch.cat(rows, dim=1)] * 2
+                stats[node].update(rows[0], rows[1])
     out: dict[str, list[CorrelationStats]] = {}
     for node, (g, _) in plan.items():
         if stats[node].count:

@@ -1,24 +1,20 @@
-"""ZipIt!: merge two models of the same architecture by merging correlated features, within or across.
+"""ZipIt!: merge models of the same architecture by merging correlated features, within or across.
 
 Stoica et al., *ZipIt! Merging Models from Different Tasks without Training* (ICLR 2024,
-https://arxiv.org/abs/2305.03053). For each permutation group the ``2C`` features of both models
-are correlated on data (``2C x 2C``) and the most correlated pair is merged greedily, again and
-again, until ``C`` features are left; unlike Git Re-basin, a pair may come from the *same* model.
-The result is a merge matrix ``M`` (``C x 2C``, each merged feature the mean of its members) and an
-unmerge matrix ``U`` (``2C x C``, each original feature read back from its merged feature). A tensor
-is merged as ``M_out [W_a 0; 0 W_b] U_in`` on its grouped axes: ``M`` on the axes that write a
-group (a layer's outputs, its bias, a norm's parameters), ``U`` on the axes that read it (a dense
-layer's inputs). A tensor whose outputs are not grouped (the head, the model's output, units the
-spec keeps in place) averages the two models' outputs, as naive averaging does.
+https://arxiv.org/abs/2305.03053). For each permutation group the ``N * C`` features of the ``N``
+models are correlated on data and greedily merged down to ``C`` (:mod:`unimerge.align.zipmatch`);
+unlike Git Re-basin, a pair may come from the *same* model. The result is a merge matrix ``M``
+(``C x NC``) and an unmerge matrix ``U`` (``NC x C``). A tensor is merged as
+``M_out blockdiag(W_1, ..., W_N) U_in`` on its grouped axes: ``M`` on the axes that write a group
+(a layer's outputs, its bias, a norm's parameters), ``U`` on the axes that read it (a dense layer's
+inputs). A tensor whose outputs are not grouped (the head, the model's output, units the spec keeps
+in place) averages the models' outputs, as naive averaging does.
 
-``alpha`` and ``beta`` are the paper's Sec. 4.3 parameters: after a merge, the merged feature's
-correlations are multiplied by ``alpha`` (``0``: it is never merged again, every feature in exactly
-one pair); each model may take part in at most ``floor(beta * C / 2)`` same-model merges (``1``: no
-limit). Groups with no activations to read (attention heads) are paired across the models by
-weight matching, the other groups fixed at their best one-to-one (activation-matching) pairing.
+Groups with no activations to read (attention heads) are paired across the models by weight
+matching, the other groups fixed at their best one-to-one (activation-matching) pairing with model 0.
 Merged BatchNorm statistics are only averages: reset them on data after
-(:func:`unimerge.align.reset_batchnorm`). Partial zipping (separate heads after layer ``k``) is not
-implemented.
+(:func:`unimerge.align.reset_batchnorm`). Partial zipping (one head per model after a cut) is
+:func:`unimerge.align.partial.partial_zip`.
 """
 
 from __future__ import annotations
@@ -26,82 +22,31 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 from torch import Tensor, nn
 
-from unimerge.align.activations import checked_batches, correlation_stats
+from unimerge.align.activations import checked_batches, joint_correlation_stats
 from unimerge.align.derive import CONVS, TRANSPOSED
 from unimerge.align.matching import linear_assignment, match_weights
 from unimerge.align.spec import Axis, PermutationSpec
+from unimerge.align.zipmatch import ZipMatrices, permutation_zip, zip_matrices
 from unimerge.errors import ConfigError
 
-__all__ = ["ZipMatrices", "apply_zip", "reading_axes", "zip_matrices", "zip_state", "zipit"]
+__all__ = [
+    "ZipMatrices",
+    "Zipped",
+    "apply_zip",
+    "reading_axes",
+    "zip_matrices",
+    "zip_models",
+    "zip_state",
+    "zipit",
+    "zipped_groups",
+]
 
 M_ = TypeVar("M_", bound=nn.Module)
-BLOCKED = -1e30  # a same-model pair over budget: chosen only when nothing else is left
-
-
-@dataclass(frozen=True)
-class ZipMatrices:
-    """``merge`` (``C x 2C``) maps both models' features to the merged ones; ``unmerge`` (``2C x C``)
-    maps a merged feature back to every original feature it stands for. Model A's features come first."""
-
-    merge: Tensor
-    unmerge: Tensor
-
-
-def zip_matrices(corr: Tensor, *, alpha: float = 0.0, beta: float = 1.0) -> ZipMatrices:
-    """ZipIt!'s greedy matching on the ``2C x 2C`` correlation of the concatenated features.
-
-    Repeatedly merges the two most correlated features (clusters) until ``C`` are left; a merged
-    cluster's correlation to any other is the minimum of its members', times ``alpha`` (``0``: it is
-    not merged again). Once a model has used its ``floor(beta * C / 2)`` same-model merges, its
-    same-model pairs are taken only when nothing else is left. A cluster is indexed by its first
-    member; ties go to the lowest index.
-    """
-    two_c = corr.shape[0]
-    if corr.shape != (two_c, two_c) or two_c % 2:
-        raise ConfigError(f"ZipIt! needs a square correlation of even size 2C, got {list(corr.shape)}.")
-    if not 0.0 <= beta <= 1.0 or alpha < 0.0:
-        raise ConfigError(f"ZipIt! needs alpha >= 0 and 0 <= beta <= 1, got alpha={alpha}, beta={beta}.")
-    c = two_c // 2
-    sims = torch.nan_to_num(corr.detach().to(torch.float64).clone(), nan=0.0)
-    sims.fill_diagonal_(-torch.inf)
-    origin = torch.arange(two_c) >= c  # False: model A, True: model B
-    members = torch.eye(two_c, dtype=torch.float64)  # column k: the features in cluster k
-    alive = torch.ones(two_c, dtype=torch.bool)
-    budget = [int(c // 2 * beta)] * 2
-    for _ in range(c):
-        scores = sims.clone() if min(budget) <= 0 else sims
-        for m in (0, 1):
-            if budget[m] <= 0:
-                same = alive & (origin == bool(m))
-                block = same[:, None] & same[None, :] & torch.isfinite(scores)
-                scores[block] = BLOCKED
-        i, j = sorted(divmod(int(scores.reshape(-1).argmax()), two_c))
-        if bool(origin[i]) == bool(origin[j]):
-            budget[int(origin[i])] -= 1
-        members[:, i] += members[:, j]
-        alive[j] = False
-        merged = (
-            torch.minimum(sims[i], sims[j]) * alpha if alpha > 0 else torch.full_like(sims[i], -torch.inf)
-        )
-        sims[i, :], sims[:, i] = merged, merged
-        sims[j, :], sims[:, j] = -torch.inf, -torch.inf
-        sims[i, i] = -torch.inf
-    unmerge = members[:, alive]  # (2C, C)
-    return ZipMatrices(merge=(unmerge / unmerge.sum(0, keepdim=True)).T, unmerge=unmerge)
-
-
-def permutation_zip(perm: Tensor) -> ZipMatrices:
-    """The matrices that average unit ``i`` of model A with unit ``perm[i]`` of model B."""
-    c = len(perm)
-    unmerge = torch.zeros(2 * c, c, dtype=torch.float64)
-    unmerge[torch.arange(c), torch.arange(c)] = 1.0
-    unmerge[c + perm, torch.arange(c)] = 1.0
-    return ZipMatrices(merge=unmerge.T / 2, unmerge=unmerge)
 
 
 def reading_axes(model: nn.Module, spec: PermutationSpec) -> set[tuple[str, int]]:
@@ -140,9 +85,9 @@ def zip_state(
     zips: Mapping[str, ZipMatrices],
     reads: set[tuple[str, int]],
 ) -> dict[str, Tensor]:
-    """The zipped state dict of ``states = (A, B)``: each grouped axis mixed by its model's slice of
-    ``merge`` (writing axes) or ``unmerge`` (reading axes), summed over the models; a tensor with no
-    writing axis averages the models' (its outputs are shared)."""
+    """The zipped state dict of ``states`` (one per model): each grouped axis mixed by its model's
+    slice of ``merge`` (writing axes) or ``unmerge`` (reading axes), summed over the models; a tensor
+    with no writing axis averages the models' (its outputs are shared)."""
     axes_of, out = spec.axes_of(), dict[str, Tensor]()
     for name, ref in states[0].items():
         if not ref.is_floating_point():
@@ -159,8 +104,96 @@ def zip_state(
                     t = apply_zip(t, ax, z.unmerge[m * n : (m + 1) * n].T)
                 else:
                     t = apply_zip(t, ax, z.merge[:, m * n : (m + 1) * n])
-            total += t if writes else t / 2
+            total += t if writes else t / len(states)
         out[name] = total.to(ref.dtype)
+    return out
+
+
+@dataclass(frozen=True)
+class Zipped:
+    """What zipping found: the spec, one :class:`ZipMatrices` per group, the batches and the inputs
+    the models were traced with."""
+
+    spec: PermutationSpec
+    zips: dict[str, ZipMatrices]
+    batches: list[object]
+    example: tuple[object, ...]
+
+
+def zipped_groups(
+    models: Sequence[nn.Module],
+    data: Iterable[object],
+    spec: PermutationSpec | None = None,
+    *,
+    example_inputs: Sequence[object] | None = None,
+    alpha: float = 0.0,
+    beta: float = 1.0,
+    seed: int = 0,
+) -> Zipped:
+    """The merge / unmerge matrices of every group of ``models`` (see :func:`zip_models`)."""
+    if len(models) < 2:
+        raise ConfigError(f"ZipIt! merges at least 2 models, got {len(models)}.")
+    batches, example = checked_batches("ZipIt!", models[0], models[1], data, example_inputs)
+    for m in models[2:]:
+        checked_batches("ZipIt!", models[0], m, batches, example)
+    traced, stats = joint_correlation_stats(models, batches, example)
+    spec = spec if spec is not None else traced
+    states = [m.state_dict() for m in models]
+    for state in states:
+        spec.check(state)
+    n, zips, cross = len(models), dict[str, ZipMatrices](), dict[str, list[Tensor]]()
+    for g, c in spec.sizes.items():
+        found = stats.get(g, [])
+        if found and found[0].units == n * c:
+            corr = torch.stack([s.correlation() for s in found]).mean(0)
+            zips[g] = zip_matrices(corr, alpha=alpha, beta=beta, models=n)
+            cross[g] = [linear_assignment(corr[:c, k * c : (k + 1) * c]) for k in range(1, n)]
+    rest = [g for g in spec.groups if g not in zips]
+    if rest:  # the zipped groups' best one-to-one pairing fixes the other axes of their tensors
+        perms = [
+            match_weights(
+                spec, states[0], s, seed=seed, init={g: p[k] for g, p in cross.items()}, groups=rest
+            )
+            for k, s in enumerate(states[1:])
+        ]
+        zips |= {g: permutation_zip([p[g] for p in perms]) for g in rest}
+    return Zipped(spec, zips, batches, example)
+
+
+def zip_models(
+    models: Sequence[M_],
+    data: Iterable[object],
+    spec: PermutationSpec | None = None,
+    *,
+    example_inputs: Sequence[object] | None = None,
+    alpha: float = 0.0,
+    beta: float = 1.0,
+    seed: int = 0,
+) -> M_:
+    """One model of the original width computing (approximately) all of ``models``.
+
+    Args:
+        models: ``N >= 2`` models of one architecture (the result is a copy of the first with
+            zipped weights); trained on different tasks, or from different seeds.
+        data: batches of model inputs (a tensor, or a tuple of positional inputs, per batch) on which
+            the features are correlated; ZipIt! uses inputs of every task.
+        spec: the groups to zip (default: derived by tracing ``models[0]``); its group names must be
+            the derived ones for their activations to be found, others are paired by weight matching.
+        example_inputs: inputs to trace the models with (default: the first batch).
+        alpha: correlation decay of a merged feature (``0``: see :mod:`unimerge.align.zipmatch`).
+        beta: the fraction of same-model merges allowed per model (``1``: no limit).
+        seed: seeds weight matching's group order for groups without activations.
+
+    Raises:
+        ConfigError: fewer than two models, no data, or ``alpha`` / ``beta`` out of range.
+        PlanError / AlignError: as :func:`~unimerge.align.matching.weight_matching`.
+    """
+    found = zipped_groups(
+        models, data, spec, example_inputs=example_inputs, alpha=alpha, beta=beta, seed=seed
+    )
+    states = [m.state_dict() for m in models]
+    out = copy.deepcopy(models[0])
+    out.load_state_dict(zip_state(found.spec, states, found.zips, reading_axes(models[0], found.spec)))
     return out
 
 
@@ -175,41 +208,14 @@ def zipit(
     beta: float = 1.0,
     seed: int = 0,
 ) -> M_:
-    """One model of the original width computing (approximately) both ``model_a`` and ``model_b``.
-
-    Args:
-        model_a: the first model (the result is a copy of it with zipped weights).
-        model_b: a model of the same architecture (trained on another task, or from another seed).
-        data: batches of model inputs (a tensor, or a tuple of positional inputs, per batch) on which
-            the features are correlated; ZipIt! uses inputs of both tasks.
-        spec: the groups to zip (default: derived by tracing ``model_a``); its group names must be
-            the derived ones for their activations to be found, others are paired by weight matching.
-        example_inputs: inputs to trace the models with (default: the first batch).
-        alpha: correlation decay of a merged feature (``0``: every feature is merged exactly once).
-        beta: the fraction of same-model merges allowed per model (``1``: no limit).
-        seed: seeds weight matching's group order for groups without activations.
-
-    Raises:
-        ConfigError: no data, or ``alpha`` / ``beta`` out of range.
-        PlanError / AlignError: as :func:`~unimerge.align.matching.weight_matching`.
-    """
-    batches, example = checked_batches("ZipIt!", model_a, model_b, data, example_inputs)
-    traced, stats = correlation_stats(model_a, model_b, batches, example, joint=True)
-    spec = spec if spec is not None else traced
-    states = (model_a.state_dict(), model_b.state_dict())
-    for state in states:
-        spec.check(state)
-    zips, cross = dict[str, ZipMatrices](), dict[str, Tensor]()
-    for g in spec.groups:
-        found = stats.get(g, [])
-        if found and found[0].units == 2 * spec.sizes[g]:
-            corr = torch.stack([s.correlation() for s in found]).mean(0)
-            zips[g] = zip_matrices(corr, alpha=alpha, beta=beta)
-            cross[g] = linear_assignment(corr[: spec.sizes[g], spec.sizes[g] :])
-    rest = [g for g in spec.groups if g not in zips]
-    if rest:  # the zipped groups' best one-to-one pairing fixes the other axes of their tensors
-        perms = match_weights(spec, states[0], states[1], seed=seed, init=cross, groups=rest)
-        zips |= {g: permutation_zip(perms[g]) for g in rest}
-    out = copy.deepcopy(model_a)
-    out.load_state_dict(zip_state(spec, states, zips, reading_axes(model_a, spec)))
-    return out
+    """Two models zipped into one of the original width: :func:`zip_models` of ``[model_a, model_b]``
+    (``model_b`` of the same architecture; the result is a copy of ``model_a``)."""
+    return zip_models(
+        [model_a, cast(M_, model_b)],
+        data,
+        spec,
+        example_inputs=example_inputs,
+        alpha=alpha,
+        beta=beta,
+        seed=seed,
+    )
