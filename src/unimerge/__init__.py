@@ -15,6 +15,8 @@ The public surface is :data:`__all__` (checked by ``tests/test_public_api.py``):
   :func:`register_method`) and :class:`ModelMethod` (data-aware, :func:`register_model_method`);
   :func:`list_methods`, :func:`get_method`;
 - errors: :class:`UnimergeError` and its subclasses.
+- method and parameter search: :func:`search` (``unimerge.search(CONFIG, OUT)``, from
+  :mod:`unimerge.tune`; trials on Ray).
 
 Names are imported on first use (PEP 562, as SciPy does), so ``import unimerge.cli`` does not pay
 for torch until a command needs it; :func:`unimerge.cli.main` uses that to import torch with the
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
         register_model_method,
     )
     from unimerge.modelmerge.load import load, load_merged, save_merged
+    from unimerge.tune import search
 
 __version__ = "0.1.0"
 
@@ -67,6 +70,7 @@ _SOURCES = {
         "register_model_method",
     ),
     "unimerge.modelmerge.load": ("load", "load_merged", "save_merged"),
+    "unimerge.tune": ("search",),
 }
 _MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}  # == __all__ (tested)
 
@@ -99,6 +103,7 @@ __all__ = [
     "register_model_method",
     "run_merge",
     "save_merged",
+    "search",
 ]
 
 

@@ -1,4 +1,4 @@
-"""The ``unimerge`` command: parse, call the library, print (merge | validate | methods | moe | bench | diagnose | masks | task | provenance | extract-lora)."""
+"""The ``unimerge`` command: parse, call the library, print (merge | validate | methods | moe | bench | diagnose | masks | task | provenance | extract-lora | search)."""
 
 from __future__ import annotations
 
@@ -124,6 +124,7 @@ def _register_subcommands() -> None:
     from unimerge.cli.masks import masks, task
     from unimerge.cli.moe import moe
     from unimerge.cli.provenance import provenance
+    from unimerge.cli.search import search
 
     app.command("bench")(bench)
     app.command("diagnose")(diagnose)
@@ -132,6 +133,7 @@ def _register_subcommands() -> None:
     app.command("masks")(masks)
     app.command("task")(task)
     app.command("provenance")(provenance)
+    app.command("search")(search)
 
 
 _register_subcommands()

@@ -231,15 +231,19 @@ def plan_tasks(
     return out
 
 
-def suite_task(name: str, suite_name: str, seed: int) -> tuple[tuple[Text, ...], tuple[int, ...], int, int]:
-    """A benchmark task's train split: ``(texts, labels, number of classes, the suite's max_len)``.
+def suite_task(
+    name: str, suite_name: str, seed: int, split: str = "train"
+) -> tuple[tuple[Text, ...], tuple[int, ...], int, int]:
+    """A benchmark task's ``split`` (train, val or test): ``(texts, labels, number of classes, the
+    suite's max_len)``.
 
-    The split is the one ``unimerge bench --suite SUITE --seed SEED`` trains its experts on.
+    The splits are the ones ``unimerge bench --suite SUITE --seed SEED`` uses (its experts train on
+    ``train``).
     """
     suite = SUITES[suite_name]
     spec = next(t for t in suite.tasks if t.dataset == name)
     raw = load_dataset(spec.dataset)
-    train = suite.split(spec, len(raw.texts), seed)["train"]
+    train = suite.split(spec, len(raw.texts), seed)[split]
     texts = tuple(raw.texts[i] for i in train)
     labels = tuple(int(raw.labels[i]) for i in train)
     return texts, labels, len(raw.classes), spec.max_len
