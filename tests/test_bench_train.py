@@ -14,7 +14,7 @@ from _bench_toy import TOY_SUITE, tiny_bert, toy_task
 from unimerge.bench.build import build_heads, build_models
 from unimerge.bench.model import evaluate, load_encoder
 from unimerge.bench.recipes import recipe_hash
-from unimerge.bench.train import TRAIN_THREADS, _Best, _fit, torch_threads
+from unimerge.bench.train import TRAIN_THREADS, _Best, fit_encoder, torch_threads
 
 pytest.importorskip("transformers")
 
@@ -32,7 +32,7 @@ def _train(world: dict, outer_threads: int) -> dict[str, torch.Tensor]:
     with torch_threads(outer_threads):
         torch.manual_seed(0)
         encoder = load_encoder(world["pretrained"])
-        _fit(encoder, world["tasks"][:1], world["heads"][:1], 6, TOY_SUITE, 0, None)
+        fit_encoder(encoder, world["tasks"][:1], world["heads"][:1], 6, TOY_SUITE, 0, None)
         assert torch.get_num_threads() == outer_threads  # restored
     return {k: v.clone() for k, v in encoder.state_dict().items()}
 
@@ -67,7 +67,7 @@ def test_expert_never_ends_below_the_pretrained_validation_score(world) -> None:
     encoder = load_encoder(world["pretrained"])
     before = evaluate(encoder, [task], {head.task: head.state}, "val")[task.name]
     bad = dataclasses.replace(TOY_SUITE, lr=1.0)  # diverges
-    best = _fit(encoder, [task], [head], 6, bad, 0, None)
+    best = fit_encoder(encoder, [task], [head], 6, bad, 0, None)
     after = evaluate(encoder, [task], {head.task: head.state}, "val")[task.name]
     assert best.history[0][1] == before and after == best.score >= before
 

@@ -43,6 +43,7 @@ __all__ = [
     "Expert",
     "Tick",
     "expert_recipe",
+    "fit_encoder",
     "load_expert",
     "multitask_recipe",
     "torch_threads",
@@ -159,10 +160,13 @@ def _val_score(encoder: nn.Module, tasks: Sequence[TaskData], heads: Sequence[Fr
 
 
 @torch_threads(TRAIN_THREADS)  # a context manager made with contextlib is also a decorator
-def _fit(encoder: nn.Module, tasks: Sequence[TaskData], heads: Sequence[FrozenHead], steps: int, suite: Suite,
-         seed: int, tick: Tick | None, eval_every: int | None = None) -> _Best:  # fmt: skip
+def fit_encoder(encoder: nn.Module, tasks: Sequence[TaskData], heads: Sequence[FrozenHead], steps: int,
+                suite: Suite, seed: int, tick: Tick | None, eval_every: int | None = None) -> _Best:  # fmt: skip
     """Train ``encoder`` through the frozen ``heads`` cycling over ``tasks``, keeping the best
-    validation state (restored into ``encoder`` at the end); see the module docstring."""
+    validation state (restored into ``encoder`` at the end); see the module docstring.
+
+    Only the parameters that require grad train (all but the word embeddings of a plain encoder;
+    the adapter factors of one with PEFT LoRA layers injected, ``benchmarks/lora_suite.py``)."""
     encoder.get_parameter(f"{FROZEN}.weight").requires_grad_(False)
     trainable = [n for n, p in encoder.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
@@ -208,7 +212,9 @@ def train_and_save(final: Path, rec: Mapping[str, Any], pretrained: Path, tasks:
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        best = _fit(encoder, tasks, heads, int(rec["steps"]), suite, seed, tick, int(rec["eval_every"]))
+        best = fit_encoder(
+            encoder, tasks, heads, int(rec["steps"]), suite, seed, tick, int(rec["eval_every"])
+        )
     seconds = time.perf_counter() - start
     states = {h.task: h.state for h in heads}
     val = evaluate(encoder, tasks, states, "val")
