@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -466,3 +467,29 @@ def test_cli_search_prints_the_best_trial(world: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "o" / "search.json").read_text())
     assert f"best: trial {doc['best']['index']}" in res.output and "2 trials (0 failed)" in res.output
+
+
+def test_bench_experts_are_written_as_their_encoder_folders(world: Path, tmp_path: Path) -> None:
+    """A `unimerge bench` expert (encoder/ + head.safetensors) is searched as such, and best/'s
+    config names its encoder/ folder, which the streaming merge can read."""
+    from safetensors.torch import save_file
+
+    root = tmp_path / "benchworld"
+    shutil.copytree(world, root)
+    base = transformers.BertForSequenceClassification.from_pretrained(root / "base")
+    base.bert.save_pretrained(root / "base-enc")
+    transformers.BertTokenizer.from_pretrained(root / "base").save_pretrained(root / "base-enc")
+    for k in (1, 2):
+        model = transformers.BertForSequenceClassification.from_pretrained(root / f"e{k}")
+        model.bert.save_pretrained(root / f"x{k}" / "encoder")
+        head = {n: t.contiguous() for n, t in model.classifier.state_dict().items()}
+        save_file(head, str(root / f"x{k}" / "head.safetensors"))
+    cfg = yaml.safe_load(_config(root, budget=1).read_text())
+    cfg["base_model"], cfg["models"] = "base-enc", [{"model": "x1"}, {"model": "x2"}]
+    (root / "bench.yaml").write_text(yaml.safe_dump(cfg))
+    search(root / "bench.yaml", tmp_path / "out", workers=0)
+    best = yaml.safe_load((tmp_path / "out" / "best" / "unimerge_config.yaml").read_text())
+    assert [Path(m["model"]) for m in best["models"]] == [
+        root.resolve() / f"x{k}" / "encoder" for k in (1, 2)
+    ]
+    assert (tmp_path / "out" / "best" / "model" / "model.safetensors").is_file()

@@ -38,6 +38,7 @@ __all__ = [
     "ClassifierInput",
     "MissingHeads",
     "ModelRef",
+    "bench_dirs",
     "build_body",
     "check_models",
     "check_tensors",
@@ -90,7 +91,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _bench_dirs(path: Path) -> tuple[Path, Path | None]:
+def bench_dirs(path: Path) -> tuple[Path, Path | None]:
     """(Hugging Face folder, bench expert folder or ``None``) for a folder the config names."""
     if (path / "encoder" / "config.json").is_file() and (path / "head.safetensors").is_file():
         return path / "encoder", path
@@ -129,7 +130,7 @@ def open_model(ref: str, config_dir: Path | None, allow_pickle: bool = False) ->
             "base first (e.g. PEFT's merge_and_unload) and name that folder."
         )
     path = Path(resolve_ref(ref, config_dir))
-    folder, bench = _bench_dirs(path if path.is_dir() else path.parent)
+    folder, bench = bench_dirs(path if path.is_dir() else path.parent)
     if not (folder / "config.json").is_file():
         raise CheckpointError(
             f"{ref}: no config.json in {folder}. Data-aware merges run the models, so every input must "

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from unimerge.datamerge.models import bench_dirs
 from unimerge.errors import ConfigError, MergeError, UnimergeError
 from unimerge.io import atomic_dir, atomic_write_text
 from unimerge.options import Progress
@@ -213,9 +214,11 @@ def _best(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _local(ref: str, config_dir: Path | None) -> str:
-    """``ref`` as an absolute path when it names a local folder or file, else as written (a Hub id)."""
+    """``ref`` as an absolute path when it names a local folder or file, else as written (a Hub id).
+    A ``unimerge bench`` expert becomes its ``encoder/`` folder: the streaming merge reads weights
+    from there, and data-aware merges still find the head beside it."""
     path = (config_dir or Path.cwd()) / ref
-    return str(path.resolve()) if path.exists() else ref
+    return str(bench_dirs(path.resolve())[0]) if path.exists() else ref
 
 
 def write_best(cfg: SearchConfig, config_path: Path | None, trial: Trial, out: Path) -> dict[str, Any]:
