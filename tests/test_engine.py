@@ -176,9 +176,11 @@ def test_plan_summary_and_yaml_path(models, tmp_path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(_cfg("ties", models, params={"density": 0.5})))
     plan = plan_config(path, tmp_path / "o")
-    s = plan.summary(threads=2)
+    s = plan.summary()
     n = sum(t.numel() for t in load_all_tensors(models["base"]).values())
     assert s["tensors"] == 21 and s["bytes_written"] == 4 * n and s["bytes_read"] == 3 * 4 * n
+    # peak: the byte budget of jobs in flight (512 MB floor for these tiny tensors) plus 300 MB
+    assert s["peak_memory"] == 812 * 2**20 and plan.summary(2**30)["peak_memory"] == 2**30 + 300 * 2**20
     assert not (tmp_path / "o").exists()  # planning writes nothing
 
 

@@ -43,13 +43,26 @@ from unimerge.options import Check, MergeResult, Progress, RunOptions, compute_d
 from unimerge.plan import MergePlan, TensorJob, make_plan
 from unimerge.vocab import gather_rows
 
-__all__ = ["Check", "MergeResult", "RunOptions", "check_merge", "plan_config", "run_merge", "run_plan"]
+__all__ = [
+    "Check",
+    "Dispatch",
+    "JobRunner",
+    "MergeResult",
+    "Report",
+    "RunOptions",
+    "ThreadDispatch",
+    "as_config",
+    "check_merge",
+    "plan_config",
+    "run_merge",
+    "run_plan",
+]
 
 log = logging.getLogger("unimerge")
-_MIN_BUDGET = 512 * 2**20
 
 
-def _as_config(config: MergeConfig | str | Path | Mapping[str, Any]) -> tuple[MergeConfig, Path | None]:
+def as_config(config: MergeConfig | str | Path | Mapping[str, Any]) -> tuple[MergeConfig, Path | None]:
+    """A config as :class:`MergeConfig` and the folder its relative paths resolve in (a file's)."""
     if isinstance(config, MergeConfig):
         return config, None
     if isinstance(config, (str, Path)):
@@ -68,12 +81,13 @@ def plan_config(
 
     ``config_dir`` resolves relative paths of an already parsed config (a YAML path brings its own).
     """
-    cfg, cdir = _as_config(config)
+    cfg, cdir = as_config(config)
     return make_plan(cfg, Path(out_dir), config_dir=cdir or config_dir, allow_pickle=allow_pickle)
 
 
-class _Runner:
-    """Reads, merges and writes jobs; shared by the statistics and merge passes."""
+class JobRunner:
+    """Reads and merges jobs; shared by the statistics and merge passes, and by every dispatch
+    (threads here, Ray tasks in :mod:`unimerge.cluster`)."""
 
     def __init__(self, plan: MergePlan, device: torch.device, seed: int) -> None:
         self.plan, self.device, self.seed = plan, device, seed
@@ -158,16 +172,40 @@ class _Runner:
 
 
 def job_bytes(job: TensorJob) -> int:
-    """Working set of one job: its stacked inputs, the base, the output and two scratch tensors."""
-    itemsize = 8 if job.dtype == torch.float64 else 4
-    return (len(job.sources) + 4) * job.numel * itemsize
+    """Working set of one job (:attr:`~unimerge.plan.TensorJob.working_bytes`)."""
+    return job.working_bytes
 
 
-def _merge_one(runner: _Runner, writer: ShardedWriter, job: TensorJob) -> None:
+def _merge_one(runner: JobRunner, writer: ShardedWriter, job: TensorJob) -> None:
     """Merge and write one job, then hand the memory it freed back to the OS (see :mod:`unimerge.heap`:
     otherwise malloc keeps it, and the resident set grows with the number of tensors merged)."""
     writer.write(job.name, runner.merge(job))
     release_free_memory()
+
+
+Report = Callable[[int, int], None]
+
+
+class Dispatch(Protocol):
+    """Runs every job of a plan and puts its bytes into ``writer`` (``report(done, total)`` as jobs
+    finish). The default runs a thread pool in this process; :mod:`unimerge.cluster` runs Ray tasks."""
+
+    def __call__(
+        self, plan: MergePlan, runner: JobRunner, writer: ShardedWriter, report: Report | None
+    ) -> None: ...
+
+
+class ThreadDispatch:
+    """Jobs on ``threads`` threads within a byte budget of jobs in flight (see :func:`_run_pool`)."""
+
+    def __init__(self, threads: int, memory_budget: int | None) -> None:
+        self.threads, self.memory_budget = threads, memory_budget
+
+    def __call__(
+        self, plan: MergePlan, runner: JobRunner, writer: ShardedWriter, report: Report | None
+    ) -> None:
+        budget = self.memory_budget or plan.default_budget()
+        _run_pool(plan.jobs, lambda job: _merge_one(runner, writer, job), self.threads, report, budget)
 
 
 def _run_pool(
@@ -229,13 +267,21 @@ def _write_metadata(plan: MergePlan, writer: ShardedWriter, hashes: Mapping[str,
 
 
 def run_plan(
-    plan: MergePlan, out_dir: str | Path, options: RunOptions = RunOptions(), progress: Progress | None = None
+    plan: MergePlan,
+    out_dir: str | Path,
+    options: RunOptions = RunOptions(),
+    progress: Progress | None = None,
+    dispatch: Dispatch | None = None,
 ) -> MergeResult:
-    """Execute a plan; the output appears at ``out_dir`` only when complete."""
+    """Execute a plan; the output appears at ``out_dir`` only when complete.
+
+    ``dispatch`` runs the jobs (default: :class:`ThreadDispatch` with ``options``' threads and budget);
+    the statistics pass, the metadata files and the commit are the same whoever runs them.
+    """
     start = time.perf_counter()
     device = compute_device(options.device)
     seed = plan.config.seed if options.seed is None else options.seed
-    runner = _Runner(plan, device, seed)
+    runner = JobRunner(plan, device, seed)
     outs = [OutTensor(j.name, j.shape, j.dtype) for j in plan.jobs]
     meta = {"unimerge_method": plan.method.name}
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unimerge-sha")
@@ -247,16 +293,10 @@ def run_plan(
             if plan.method.prepare is not None and plan.jobs:
                 job0 = plan.jobs[0]
                 runner.extra = plan.method.prepare(job0.params, runner.per_model(job0), runner.deltas)
-            budget = options.memory_budget or max([_MIN_BUDGET, *map(job_bytes, plan.jobs)])
             what = f"merging ({plan.method.name})"
             report = (lambda done, total: progress(what, done, total)) if progress else None
-            _run_pool(
-                plan.jobs,
-                lambda job: _merge_one(runner, writer, job),
-                options.threads,
-                report,
-                budget,
-            )
+            run = dispatch or ThreadDispatch(options.threads, options.memory_budget)
+            run(plan, runner, writer, report)
             _write_metadata(plan, writer, {f: h.result() for f, h in hashes.items()})
             writer.commit()
     finally:
@@ -291,7 +331,7 @@ class _Streaming:
 
     def check(self, cfg: MergeConfig, config_dir: Path | None, out_dir: Path, options: RunOptions) -> Check:
         plan = make_plan(cfg, out_dir, config_dir=config_dir, allow_pickle=options.allow_pickle)
-        s = plan.summary(options.threads)
+        s = plan.summary(options.memory_budget)
         rows = [("method", f"{plan.method.name} ({plan.method.family})")]
         rows += [
             ("base" if plan.base is not None and ck is plan.checkpoints[plan.base] else "model", ck.ref)
@@ -301,7 +341,7 @@ class _Streaming:
             ("tensors", str(s["tensors"])),
             ("bytes to read", format_size(s["bytes_read"])),
             ("bytes to write", format_size(s["bytes_written"])),
-            (f"peak memory (est., {options.threads} threads)", format_size(s["peak_memory"])),
+            ("peak memory (est.)", format_size(s["peak_memory"])),
         ]
         return Check(rows, list(plan.warnings))
 
@@ -347,7 +387,7 @@ def check_merge(
     Example:
         >>> for label, value in check_merge("ties.yaml", "out/").rows: print(label, value)
     """
-    cfg, cdir = _as_config(config)
+    cfg, cdir = as_config(config)
     _refuse_align(cfg)
     return _engine(cfg.method).check(cfg, cdir, Path(out_dir), options)
 
@@ -367,6 +407,6 @@ def run_merge(
     Example:
         >>> run_merge("ties.yaml", "out/", RunOptions(threads=4))
     """
-    cfg, cdir = _as_config(config)
+    cfg, cdir = as_config(config)
     _refuse_align(cfg)
     return _engine(cfg.method).run(cfg, cdir, Path(out_dir), options, progress)

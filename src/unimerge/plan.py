@@ -35,6 +35,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _BASE_JOINS_WITH: dict[str, tuple[str, ...]] = {"karcher": (), "linear": ("weight",)}
 
 
+MIN_BUDGET = 512 * 2**20  # the smallest default byte budget of jobs in flight
+
+
 @dataclass(frozen=True)
 class Source:
     """Tensor ``name`` of checkpoint ``model`` (an index into :attr:`MergePlan.checkpoints`)."""
@@ -63,6 +66,12 @@ class TensorJob:
             n *= d
         return n
 
+    @property
+    def working_bytes(self) -> int:
+        """Working set of the job: its stacked inputs, the base, the output and two scratch tensors."""
+        itemsize = 8 if self.dtype == torch.float64 else 4
+        return (len(self.sources) + 4) * self.numel * itemsize
+
 
 @dataclass
 class MergePlan:
@@ -78,19 +87,26 @@ class MergePlan:
     num_layers_out: int | None = None
     warnings: list[str] = field(default_factory=list)
     vocabulary: VocabPlan | None = None  # `tokenizer_source:` / `tokenizer:`: the output vocabulary
+    config_dir: Path | None = None  # where the config's relative paths resolve (a worker re-plans from it)
 
-    def summary(self, threads: int = 1) -> dict[str, Any]:
-        """Tensors, bytes to read and write, and an estimate of peak memory in bytes."""
+    def summary(self, memory_budget: int | None = None) -> dict[str, Any]:
+        """Tensors, bytes to read and write, and an estimate of peak memory in bytes: the byte budget
+        of jobs in flight (default :meth:`default_budget`) plus 300 MB for the process itself."""
         metas = [ck.tensors() for ck in self.checkpoints]
-        read = sum(
-            metas[s.model][s.name].nbytes for j in self.jobs for s in (*j.sources, *filter(None, [j.base]))
-        )
+        read = sum(self.bytes_read(j, metas) for j in self.jobs)
         write = sum(j.numel * j.dtype.itemsize for j in self.jobs)
-        largest = max((j.numel for j in self.jobs), default=0)
-        n_in = max((len(j.sources) + (j.base is not None) for j in self.jobs), default=0)
-        # per job in flight: inputs + stacked float32 copy + method workspace + output
-        peak = max(1, threads) * 2 * (2 * n_in + 3) * largest * 4 + 300 * 2**20
+        peak = (memory_budget or self.default_budget()) + 300 * 2**20
         return {"tensors": len(self.jobs), "bytes_read": read, "bytes_written": write, "peak_memory": peak}
+
+    def default_budget(self) -> int:
+        """Bytes of jobs in flight a merge allows by default: the largest job's working set, at least
+        :data:`MIN_BUDGET` (so the largest tensor is merged alone)."""
+        return max([MIN_BUDGET, *(j.working_bytes for j in self.jobs)])
+
+    def bytes_read(self, job: TensorJob, metas: Sequence[Mapping[str, TensorMeta]] | None = None) -> int:
+        """Bytes ``job`` reads from its inputs (``metas``: every checkpoint's headers, if at hand)."""
+        metas = metas if metas is not None else [ck.tensors() for ck in self.checkpoints]
+        return sum(metas[s.model][s.name].nbytes for s in (*job.sources, *filter(None, [job.base])))
 
 
 def layer_index(name: str) -> int | None:
@@ -266,7 +282,9 @@ def make_plan(
     spec = config.vocabulary()
     vocab = plan_vocabulary(spec, cks, all_refs, base, config_dir) if spec is not None else None
     free = vocab.names if vocab is not None else frozenset()
-    plan = MergePlan(config, info, cks, base, [], meta_root, meta_root, vocabulary=vocab)
+    plan = MergePlan(
+        config, info, cks, base, [], meta_root, meta_root, vocabulary=vocab, config_dir=config_dir
+    )
     if config.models is not None:
         plan.jobs = _model_jobs(config, cks, index, base, plan.warnings, free)
     else:

@@ -345,7 +345,7 @@ def check_aligned_merge(config: ConfigLike, out_dir: str | Path, options: RunOpt
     try:
         r = _reference_index(cfg, plan, cdir)
         spec = model_spec(load_model(plan.checkpoints[r]), plan.checkpoints[r])
-        s = plan.summary(options.threads)
+        s = plan.summary(options.memory_budget)
         rows = [("method", f"{plan.method.name} ({plan.method.family})")]
         rows += [("reference" if i == r else "aligned", ck.ref) for i, ck in enumerate(plan.checkpoints)]
         kinds = [g.rpartition(":")[2] for g in spec.groups]

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.table import Table
@@ -18,6 +18,7 @@ __all__ = ["app", "main"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Merge fine-tuned models into one.")
 DEVICES = ("cpu", "cuda")  # unimerge.options.DEVICES, spelled here so `--help` needs no torch
+Executor = Literal["local", "ray"]
 
 
 def _size(text: str) -> int:
@@ -27,6 +28,20 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
+
+
+def _bandwidth(text: str) -> float:
+    """Bytes per second from ``"2GB/s"``, ``"500MB"`` or ``"10Gbit/s"`` (bits: divided by 8)."""
+    from unimerge.io.writer import parse_size
+
+    raw = text.strip().removesuffix("/s")
+    bits = raw.lower().endswith("bit")
+    try:
+        return parse_size(raw[:-3] + "B" if bits else raw) / (8 if bits else 1)
+    except ValueError:
+        raise typer.BadParameter(
+            f"Cannot read bandwidth {text!r}; write e.g. 2GB/s, 500MB/s or 10Gbit/s."
+        ) from None
 
 
 def _device(name: str) -> str:
@@ -51,6 +66,12 @@ def merge(
     allow_pickle: Annotated[
         bool, typer.Option("--allow-pickle", help="Read pytorch_model.bin pickles (weights_only=True).")
     ] = False,
+    executor: Annotated[
+        Executor, typer.Option(help="local: this process's threads; ray: tensor jobs as Ray tasks.")
+    ] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster to run on (default: a local Ray with --threads CPUs).")
+    ] = None,
 ) -> None:
     """Merge the models in CONFIG and write a Hugging Face folder to OUTPUT_DIR."""
     from unimerge.api import run_merge  # `align:` configs too (unimerge.align.run)
@@ -67,7 +88,14 @@ def merge(
         merge_adapter_config(config, output_dir, opts)
         return
     with progress_bars() as report:
-        result = guard(lambda: run_merge(config, output_dir, opts, progress=report))
+        if executor == "ray":
+            from unimerge.cluster import run_merge_on_ray
+
+            result = guard(
+                lambda: run_merge_on_ray(config, output_dir, opts, address=ray_address, progress=report)
+            )
+        else:
+            result = guard(lambda: run_merge(config, output_dir, opts, progress=report))
     warn(result.warnings)
     out.print(f"wrote {result.tensors} tensors ({format_size(result.bytes_written)}) to {result.out_dir} "
               f"in {result.seconds:.2f} s")  # fmt: skip
@@ -81,19 +109,38 @@ def validate(
     ),
     threads: Annotated[int, typer.Option(min=1, max=256)] = 2,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle")] = False,
+    executor: Annotated[
+        Executor, typer.Option(help="ray: also plan the merge across --nodes Ray nodes.")
+    ] = "local",
+    nodes: Annotated[
+        int, typer.Option(min=1, max=100_000, help="Ray nodes to plan for (--executor ray).")
+    ] = 1,
+    disk_bandwidth: Annotated[
+        str, typer.Option(help="Shared storage's total throughput (one machine: its disk), e.g. 2GB/s.")
+    ] = "2GB/s",
+    network_bandwidth: Annotated[
+        str, typer.Option(help="Each node's network link, e.g. 10Gbit/s.")
+    ] = "10Gbit/s",
+    compute_ns: Annotated[
+        float, typer.Option(min=0.0, help="Method's cost per input element on one node, ns (0: I/O only).")
+    ] = 0.0,
 ) -> None:
     """Check CONFIG against the inputs (headers, data, sidecars) without merging; print a summary."""
     from unimerge.api import check_merge  # adapter configs: their plan (unimerge.lora)
     from unimerge.execute import RunOptions
 
-    check = guard(
-        lambda: check_merge(config, output_dir, RunOptions(threads=threads, allow_pickle=allow_pickle))
-    )
+    opts = RunOptions(threads=threads, allow_pickle=allow_pickle)
+    check = guard(lambda: check_merge(config, output_dir, opts))
     warn(check.warnings)
     table = Table(title=f"{config}: OK", show_header=False)
     for key, value in check.rows:
         table.add_row(key, value)
     out.print(table)
+    if executor == "ray":
+        from unimerge.cli.cluster import print_cluster_plan
+
+        disk, net = _bandwidth(disk_bandwidth), _bandwidth(network_bandwidth)
+        guard(lambda: print_cluster_plan(config, output_dir, opts, nodes, disk, net, compute_ns))
 
 
 @app.command()

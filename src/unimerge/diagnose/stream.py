@@ -26,11 +26,10 @@ from unimerge.errors import ConfigError
 from unimerge.execute import job_bytes, plan_config
 from unimerge.methods import generator_for
 from unimerge.options import Progress, compute_device
-from unimerge.plan import MergePlan, Source, TensorJob, layer_index
+from unimerge.plan import MIN_BUDGET, MergePlan, Source, TensorJob, layer_index
 
 __all__ = ["DiagnoseOptions", "Diagnosis", "diagnose", "diagnose_models", "diagnose_plan", "tensor_sources"]
 
-_MIN_BUDGET = 512 * 2**20
 _NO_OUTPUT = Path("/dev/null")  # planned output when nothing is written: overlaps no input folder
 
 
@@ -159,7 +158,7 @@ def diagnose_plan(
             x.to(device), theta.to(device), top_k=options.top_k, settings=options.subspace, generator=g
         )
 
-    budget = max([_MIN_BUDGET, *(job_bytes(j) for j, _, _ in items)])
+    budget = max([MIN_BUDGET, *(job_bytes(j) for j, _, _ in items)])
     per_tensor: list[tuple[TensorJob, Stats]] = []
     try:
         for done, st in enumerate(

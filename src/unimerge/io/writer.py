@@ -30,6 +30,7 @@ import torch
 from unimerge.errors import MergeError
 from unimerge.io.atomic import atomic_file, exists_error, fsync_path, swap_into_place, temp_dir_beside
 from unimerge.io.checkpoint import SAFETENSORS_DTYPES
+from unimerge.io.placed import Placement, pwrite_all, tensor_bytes
 
 __all__ = [
     "MODEL_FILES",
@@ -201,16 +202,10 @@ class ShardedWriter:
         header, starts = safetensors_header(shard, metadata)
         fd = os.open(self._tmp / self._names[index], os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         self._fds.append(fd)
-        self._pwrite_all(fd, memoryview(header), 0)
+        pwrite_all(fd, memoryview(header), 0)
         os.ftruncate(fd, len(header) + sum(t.nbytes for t in shard))
         for t, start in zip(shard, starts, strict=True):
             self._slots[t.name] = _Slot(index, len(header) + start, t)
-
-    @staticmethod
-    def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-        while len(data):
-            n = os.pwrite(fd, data, offset)
-            data, offset = data[n:], offset + n
 
     def _os_error(self, err: OSError, file: Path) -> MergeError:
         if err.errno == errno.ENOSPC:
@@ -238,14 +233,14 @@ class ShardedWriter:
             self._inflight -= 1
             self._cond.notify_all()
 
-    def _check_tensor(self, name: str, tensor: torch.Tensor) -> _Slot:
+    def _check_tensor(self, name: str, shape: torch.Size, dtype: torch.dtype) -> _Slot:
         slot = self._slots.get(name)
         if slot is None:
             raise MergeError(f"Tensor {name!r} is not in the output plan for {self.out_dir}.")
         spec = slot.spec
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        if tuple(shape) != spec.shape or dtype != spec.dtype:
             raise MergeError(
-                f"Tensor {name!r} is {list(tensor.shape)} {tensor.dtype}, but the plan says {list(spec.shape)} {spec.dtype}."
+                f"Tensor {name!r} is {list(shape)} {dtype}, but the plan says {list(spec.shape)} {spec.dtype}."
             )
         with self._cond:
             if self._state != "open":
@@ -279,10 +274,25 @@ class ShardedWriter:
             MergeError: Unknown name, shape/dtype not as planned, written twice, or disk full (the temp
                 folder is then removed).
         """
-        slot = self._check_tensor(name, tensor)
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data  # (nbytes,)
+        slot = self._check_tensor(name, tensor.shape, tensor.dtype)
         with self._io(f"write {name!r}", self._tmp / self._names[slot.shard]):
-            self._pwrite_all(self._fds[slot.shard], data, slot.offset)
+            pwrite_all(self._fds[slot.shard], tensor_bytes(tensor), slot.offset)
+
+    def placement(self, name: str) -> Placement:
+        """Where another process puts planned tensor ``name`` (with a :class:`~unimerge.io.placed.PlacedWriter`), then
+        :meth:`record` it here."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise MergeError(f"Tensor {name!r} is not in the output plan for {self.out_dir}.")
+        return Placement(str(self._tmp / self._names[slot.shard]), slot.offset, slot.spec.nbytes)
+
+    def record(self, name: str) -> None:
+        """Count ``name`` as written: another process put its bytes at :meth:`placement` (and synced
+        them), so :meth:`commit` finds it."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise MergeError(f"Tensor {name!r} is not in the output plan for {self.out_dir}.")
+        self._check_tensor(name, torch.Size(slot.spec.shape), slot.spec.dtype)
 
     def _target(self, relpath: str) -> Path:
         rel = _check_relpath(relpath)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from unimerge.cluster.session import start_ray, task_error
 from unimerge.datamerge.models import bench_dirs
 from unimerge.errors import ConfigError, MergeError, UnimergeError
 from unimerge.io import atomic_dir, atomic_write_text
@@ -95,8 +95,7 @@ def _fingerprint(cfg: SearchConfig) -> str:
 
 
 def _error_text(err: BaseException) -> str:
-    cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError: the trial's own exception
-    err = cause if isinstance(cause, BaseException) else err
+    err = task_error(err)
     return f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
 
 
@@ -118,17 +117,7 @@ def _inline(fn: TrialFn) -> Execute:
 
 def _ray(fn: TrialFn, address: str | None, workers: int | None) -> tuple[Execute, Callable[[], None]]:
     """An executor running each job as a Ray task (retried once if its worker dies), and a closer."""
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError(
-            "The search runs its trials on Ray: pip install 'unimerge[distributed]' (or pass --workers 0 "
-            "to run them one by one in this process)."
-        ) from None
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, num_cpus=None if address else (workers or os.cpu_count() or 1),
-                 include_dashboard=False, log_to_driver=False)  # fmt: skip
+    ray, close = start_ray(address, workers, "The search (--workers 0 runs its trials in this process)")
     remote = ray.remote(max_retries=1, num_cpus=1)(fn)
 
     def execute(todo: list[tuple[int, dict[str, Any]]], done: Callable[[int, dict[str, Any]], None]) -> None:
@@ -143,7 +132,7 @@ def _ray(fn: TrialFn, address: str | None, workers: int | None) -> tuple[Execute
                     result = {"error": _error_text(err)}
                 done(refs[ref], result)
 
-    return execute, (ray.shutdown if started else _nothing)
+    return execute, close
 
 
 def _record(index: int, trial: Trial, result: Mapping[str, Any], spec: SearchSpec) -> dict[str, Any]:
