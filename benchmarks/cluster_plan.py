@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 import yaml
-
 from llama_checkpoints import LlamaShape
+
 from unimerge.io.writer import OutTensor, safetensors_header
 
 LLAMA_70B = LlamaShape(80, 8192, 28672, 32000, 64, kv_heads=8)  # meta-llama/Llama-2-70b-hf's config.json
@@ -72,7 +72,9 @@ def main() -> None:
                        for k in range(1, args.models + 1)],
         }  # fmt: skip
         (root / "ties.yaml").write_text(yaml.safe_dump(config))
-        print(f"Llama-2-70B shape: {LLAMA_70B.params / 1e9:.1f}B parameters, base + {args.models} experts, bf16")
+        print(
+            f"Llama-2-70B shape: {LLAMA_70B.params / 1e9:.1f}B parameters, base + {args.models} experts, bf16"
+        )
         for n in args.nodes:
             cmd = [sys.executable, "-m", "unimerge", "validate", str(root / "ties.yaml"), str(root / "out"),
                    "--executor", "ray", "--nodes", str(n), "--disk-bandwidth", args.disk,

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from _fixtures import load_all_tensors, make_peft_lora, make_tiny_llama
-from unimerge import PlanError, merge_state_dicts
+from unimerge import ConfigError, PlanError, merge_state_dicts
 from unimerge.config import evaluate_setting
 from unimerge.execute import RunOptions, plan_config, run_merge
 
@@ -271,3 +271,13 @@ def test_float_tensor_missing_from_one_model_is_still_an_error(models, tmp_path)
     world = {**models, "e1": _with_extra(models["e1"], tmp_path / "e1", {"extra.scale": torch.ones(3)})}
     with pytest.raises(PlanError, match=r"extra 1 \['extra.scale'\]"):
         plan_config(_cfg("ties", world), tmp_path / "out")
+
+
+@pytest.mark.parametrize("method", ["slerp", "nearswap"])
+def test_a_method_given_more_models_than_it_merges_is_refused_by_the_plan(models, tmp_path, method) -> None:
+    cfg = _cfg(method, models, params={"t": 0.5})
+    with pytest.raises(
+        ConfigError, match=f"Method '{method}' merges at most 1 model besides the base, but tensor"
+    ):
+        plan_config(cfg, tmp_path / "o")  # from headers: before any tensor is read
+    assert not (tmp_path / "o").exists()

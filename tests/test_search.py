@@ -26,7 +26,7 @@ from unimerge.core import merge_state_dicts
 from unimerge.errors import ConfigError
 from unimerge.methods import get_method
 from unimerge.tune import SearchSpec, Trial, build_space, parse_search_config, search
-from unimerge.tune.evaluate import evaluator, run_job
+from unimerge.tune.jobs import evaluator, run_job
 from unimerge.tune.space import ChoiceDim, FloatDim
 from unimerge.tune.strategies import make_strategy
 
@@ -161,6 +161,14 @@ def test_bad_bounds_name_method_parameter_and_range(params: dict[str, Any], matc
     with pytest.raises(ConfigError) as err:
         build_space(_spec(methods=[{"name": "ties", "params": params}]), n_models=2)
     assert match in str(err.value)
+
+
+def test_a_method_for_one_model_is_refused_in_a_space_of_more() -> None:
+    build_space(_spec(methods=["slerp"]), 1)
+    with pytest.raises(
+        ConfigError, match="'slerp' merges at most 1 model besides the base, and this search has 2"
+    ):
+        build_space(_spec(methods=["ties", "slerp"]), 2)
 
 
 def test_per_model_parameter_no_method_has() -> None:

@@ -7,7 +7,6 @@ agree, method parameters validate for every tensor, and the output folder is not
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,12 +21,12 @@ from unimerge.core import validate_params
 from unimerge.errors import ConfigError, PlanError
 from unimerge.io import Checkpoint, TensorMeta, check_output_outside, open_checkpoint, resolve_ref
 from unimerge.methods import MethodInfo, TensorMethod, get_method
+from unimerge.plancheck import check_architectures, check_model_count, check_names, check_shapes
 from unimerge.vocab import RowMap, VocabPlan, plan_vocabulary
 
 __all__ = ["MergePlan", "Source", "TensorJob", "layer_index", "make_plan"]
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-_VOCAB_HINTS = ("embed_tokens", "lm_head", "word_embeddings", "wte", "embed_out", "output.weight")
 _Spec = TypeVar("_Spec", bound=ModelSpec)  # a model or a slice source
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Methods without a separate base that mergekit gives an unlisted `base_model` as one more input, and the
@@ -134,82 +133,6 @@ def _before_layers(name: str) -> bool:
     return "embed" in name or name.endswith(("wte.weight", "wpe.weight"))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _check_architectures(refs: Sequence[str], cks: Sequence[Checkpoint]) -> None:
-    seen: dict[tuple[str, str], str] = {}
-    for ref, ck in zip(refs, cks, strict=True):
-        cfg = _read_json(ck.root / "config.json")
-        if cfg:
-            seen.setdefault((str(cfg.get("model_type")), str(cfg.get("architectures"))), ref)
-    if len(seen) > 1:
-        kinds = "; ".join(f"{r}: model_type={k[0]}, architectures={k[1]}" for k, r in seen.items())
-        raise PlanError(
-            f"The inputs are different architectures ({kinds}). Merge only models of one architecture."
-        )
-
-
-def _check_names(refs: Sequence[str], metas: Sequence[dict[str, TensorMeta]], ref_idx: int) -> None:
-    want = set(metas[ref_idx])
-    problems = []
-    for ref, m in zip(refs, metas, strict=True):
-        missing, extra = sorted(want - set(m)), sorted(set(m) - want)
-        if missing or extra:
-            problems.append(
-                f"{ref}: missing {len(missing)} {missing[:6]}"
-                + (f", extra {len(extra)} {extra[:6]}" if extra else "")
-            )
-    if problems:
-        raise PlanError(
-            f"Tensor names differ from {refs[ref_idx]}: "
-            + "; ".join(problems)
-            + ". All models must have the same tensors: check that they share one architecture and size."
-        )
-
-
-def _shape_problem(name: str, entries: Sequence[tuple[str, TensorMeta]], free: bool = False) -> str | None:
-    shapes = {m.shape[1:] if free else m.shape for _, m in entries}
-    if len(shapes) > 1:
-        return f"{name!r} ({', '.join(f'{r}: {list(m.shape)}' for r, m in entries)})"
-    floats = {m.dtype.is_floating_point for _, m in entries}
-    if len(floats) > 1 or (floats == {False} and len({m.dtype for _, m in entries}) > 1):
-        return f"{name!r} has incompatible dtypes {[str(m.dtype) for _, m in entries]}"
-    return None
-
-
-def _check_shapes(
-    items: Sequence[tuple[str, Sequence[tuple[str, TensorMeta]]]], free: Collection[str] = ()
-) -> None:
-    """Check every tensor's shapes agree across inputs (but the first dimension of those ``free``:
-    vocabulary tensors gathered into one vocabulary); vocabulary mismatches are reported first."""
-    problems = [(n, p) for n, e in items if (p := _shape_problem(n, e, n in free)) is not None]
-    vocab = [
-        (n, e) for n, e in items if any(h in n for h in _VOCAB_HINTS) and _shape_problem(n, e, n in free)
-    ]
-    if vocab:
-        sizes = sorted({m.shape[0] for _, e in vocab for _, m in e if m.shape})
-        names = ", ".join(repr(n) for n, _ in vocab)
-        raise PlanError(
-            f"Tensors {names} have different vocabulary sizes {sizes}: the models use different tokenizers "
-            "or resized embeddings. Merge models that share a tokenizer, or resize their embeddings to one "
-            "vocabulary first. Details: "
-            + "; ".join(p for n, p in problems if any(h in n for h in _VOCAB_HINTS))
-        )
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise PlanError(
-            "These tensors differ between the inputs, so the models cannot be merged: "
-            + "; ".join(p for _, p in problems[:5])
-            + more
-            + ". Check that all models share one architecture and size."
-        )
-
-
 def _first_set(scopes: Sequence[Mapping[str, Any]], key: str, name: str, t: float) -> Any:
     """The first non-``None`` value of setting ``key`` over ``scopes`` (highest precedence first)."""
     for sc in scopes:
@@ -277,7 +200,7 @@ def make_plan(
     index = {r: i for i, r in enumerate(all_refs)}
     base = index[config.base_model] if config.base_model else None
     check_output_outside(out_dir, [ck.ref for ck in cks])
-    _check_architectures(all_refs, cks)
+    check_architectures(all_refs, cks)
     meta_root = cks[base if base is not None else 0].root
     spec = config.vocabulary()
     vocab = plan_vocabulary(spec, cks, all_refs, base, config_dir) if spec is not None else None
@@ -294,6 +217,7 @@ def make_plan(
         plan.warnings.extend(vocab.warnings)
     if info.needs_base and base is None:
         raise ConfigError(f"Method {info.name!r} needs `base_model:`.")
+    check_model_count(info, [(j.name, len(j.sources)) for j in plan.jobs])
     return plan
 
 
@@ -356,12 +280,12 @@ def _model_jobs(
     refs = [cks[i].ref for i in used]
     partial, notes = _partial_buffers(refs, [metas[i] for i in used], used.index(ref_idx))
     warnings.extend(notes)
-    _check_names(
+    check_names(
         refs, [{k: v for k, v in metas[i].items() if k not in partial} for i in used], used.index(ref_idx)
     )
     n_layers = 1 + max((layer_index(n) or 0 for n in metas[ref_idx]), default=0)
     resolve = _Params(config)
-    _check_shapes(
+    check_shapes(
         [(name, [(cks[i].ref, metas[i][name]) for i in used if name in metas[i]]) for name in metas[ref_idx]],
         free,
     )
@@ -386,7 +310,7 @@ def _partial_buffers(
     Such buffers are not weights: BERT's ``embeddings.position_ids`` (``arange``) is in older saves
     and not in newer ones, and a merge takes integer tensors from one model anyway. So the reference
     model's (the base, else the first model's) copy is written, and one the reference lacks is left
-    out. A floating-point tensor missing anywhere stays an error (see :func:`_check_names`).
+    out. A floating-point tensor missing anywhere stays an error (see :func:`~unimerge.plancheck.check_names`).
     """
     names = {n for m in metas for n in m}
     partial = {
@@ -484,7 +408,7 @@ def _layer_jobs(
         )
         if b is not None:
             metas.append((cks[b.model].ref, cks[b.model].tensors()[b.name]))
-        _check_shapes([(name, metas)])
+        check_shapes([(name, metas)])
         p, pm = resolve(pattern.format(out_layer), t, specs, [src.name for src in srcs])
         jobs.append(
             TensorJob(
@@ -524,7 +448,7 @@ def _edge_jobs(
         entries = [(r, m) for r, m in found if m is not None]
         if len(entries) < len(found):
             raise PlanError(f"Tensor {name!r} is missing from {[r for r, m in found if m is None]}.")
-        _check_shapes([(name, entries)], free)
+        check_shapes([(name, entries)], free)
         p, pm = resolve(name, 0.0, specs)  # t = 0 outside the layers, as mergekit (see _position)
         jobs.append(TensorJob(name, meta.shape, _out_dtype(config, meta), srcs, b, p, pm))
     return jobs

@@ -15,12 +15,16 @@ Data-aware methods take their data from :class:`unimerge.data.TaskData` (``unlab
 ``labeled(n)``, ``head``; see :mod:`unimerge.data.tasks`) through a
 :class:`~unimerge.methods.MergeProblem` (:mod:`~unimerge.bench.data_aware`).
 
-bench/ may import every library package below the CLI (core, methods, data, io); only the CLI
-imports bench.
+Causal LMs are scored on multiple-choice tasks (:class:`unimerge.data.ChoiceTask`) by the summed
+log-likelihood of each choice (:mod:`~unimerge.bench.causal`), as lm-evaluation-harness's ``acc``.
+
+bench/ may import every library package below the CLI (core, methods, data, io); the CLI and the
+search (:mod:`unimerge.tune`: experts' folders, choice scoring) import bench.
 """
 
 from __future__ import annotations
 
+from unimerge.bench.causal import choice_accuracy, choice_correct, choice_logliks
 from unimerge.bench.main import run_bench
 
-__all__ = ["run_bench"]
+__all__ = ["choice_accuracy", "choice_correct", "choice_logliks", "run_bench"]

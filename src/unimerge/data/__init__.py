@@ -11,18 +11,32 @@ merges and ``unimerge bench`` all read their examples from here.
   :mod:`~unimerge.data.parsing`).
 - :mod:`~unimerge.data.suites`: the benchmark suites and the deterministic split.
 - :mod:`~unimerge.data.tasks`: tokenised splits and :class:`TaskData`, what data-aware methods see.
+- :mod:`~unimerge.data.choices`: multiple-choice tasks for causal LMs (:class:`ChoiceTask`): checked
+  JSONL files and short tasks built from the packaged datasets.
 """
 
 from unimerge.data.archives import Archive, fetch_archive
+from unimerge.data.choices import (
+    CHOICE_TASKS,
+    ChoiceSpec,
+    ChoiceTask,
+    choice_splits,
+    is_choice_jsonl,
+    read_choice_jsonl,
+    write_choice_jsonl,
+)
 from unimerge.data.datasets import DATASETS, DatasetSpec, RawDataset, Text, load_dataset
 from unimerge.data.suites import SUITES, Suite, TaskSpec, split_indices
 from unimerge.data.tasks import Batch, Split, TaskData, batches, make_task
 
 __all__ = [
+    "CHOICE_TASKS",
     "DATASETS",
     "SUITES",
     "Archive",
     "Batch",
+    "ChoiceSpec",
+    "ChoiceTask",
     "DatasetSpec",
     "RawDataset",
     "Split",
@@ -31,8 +45,12 @@ __all__ = [
     "TaskSpec",
     "Text",
     "batches",
+    "choice_splits",
     "fetch_archive",
+    "is_choice_jsonl",
     "load_dataset",
     "make_task",
+    "read_choice_jsonl",
     "split_indices",
+    "write_choice_jsonl",
 ]

@@ -120,6 +120,7 @@ def slerp_pair(
     needs_base=True,
     inputs="tensors",
     paper="https://doi.org/10.1145/325165.325242",
+    max_models=1,
     grid={"t": (0.3, 0.5, 0.7)},
 )
 def slerp(
@@ -388,6 +389,7 @@ class NearSwapParams(BaseModel):
     needs_base=True,
     inputs="tensors",
     paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    max_models=1,
     grid={"t": (1e-4, 1e-3, 1e-2)},
 )
 def nearswap(

@@ -39,6 +39,7 @@ class PassthroughModelParams(BaseModel):
     needs_base=False,
     inputs="tensors",
     paper="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
+    max_models=1,
 )
 def passthrough(
     x: Tensor,

@@ -155,6 +155,7 @@ class MethodInfo:
     grid: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     summary: str = ""
     optional_base: bool = False
+    max_models: int | None = None  # most models merged besides the base (slerp: 1); None: any number
 
     @property
     def uses_base(self) -> bool:
@@ -187,6 +188,7 @@ class MethodInfo:
             "paper": self.paper,
             "params": self.param_schema(),
             "random": self.random,
+            "max_models": self.max_models,
             "summary": self.summary,
         }
 
@@ -312,6 +314,7 @@ def register_method(
     grid: Mapping[str, tuple[Any, ...]] | None = None,
     optional_base: bool = False,
     prepare: Prepare | None = None,
+    max_models: int | None = None,
     registry: Registry | None = None,
 ) -> Callable[[F], F]:
     """Decorator: register ``fn`` as the data-free :class:`TensorMethod` ``name``.
@@ -320,6 +323,7 @@ def register_method(
     keyed by parameter name as written in a config (per-model names set every model's value).
     ``optional_base``: the method uses a base when one is given (then, like with ``needs_base``,
     the base is not one of the merged models). ``prepare``: see :class:`Prepare` (``scope="model"``).
+    ``max_models``: the most models it merges besides the base (plans and searches refuse more).
     """
     _check_model_params(name, model_params)
 
@@ -340,6 +344,7 @@ def register_method(
                 summary=_summary(fn),
                 optional_base=optional_base,
                 prepare=prepare,
+                max_models=max_models,
             )
         )
         return fn

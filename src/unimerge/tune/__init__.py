@@ -5,6 +5,8 @@ config.py      SearchConfig: models, data:, search: {methods, budget, strategy, 
 space.py       the space from the registry: method choice, parameters within their bounds, per model
 strategies.py  grid | random | cma | tpe, asked and told in batches, deterministic given the seed
 evaluate.py    one trial: a merge config, merged in memory, scored per task with each expert's head
+causal.py      or, for causal LMs, by the log-likelihood of each answer choice (choice JSONL files)
+jobs.py        a trial as plain data for a Ray task, and the evaluator each process keeps
 run.py         the loop (Ray tasks), OUT/search.json (resumable), OUT/best/, OUT/report.html
 ```
 

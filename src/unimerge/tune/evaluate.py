@@ -17,13 +17,10 @@ split (``validation``: the search's files or the suite's val split; ``test``: li
 from __future__ import annotations
 
 import copy
-import functools
-import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +48,16 @@ from unimerge.modelmerge.stats import load_state
 from unimerge.tune.config import SearchConfig
 from unimerge.tune.space import Trial
 
-__all__ = ["SPLITS", "Evaluator", "build_evaluator", "evaluator", "job_for", "run_job", "trial_config"]
+__all__ = [
+    "SPLITS",
+    "Evaluator",
+    "Scorer",
+    "build_evaluator",
+    "merged_state",
+    "search_tokenizer",
+    "task_names",
+    "trial_config",
+]
 
 SPLITS = ("validation", "test")
 EVAL_BATCH = 32
@@ -84,6 +90,27 @@ def trial_config(cfg: SearchConfig, trial: Trial) -> dict[str, Any]:
     return out
 
 
+def merged_state(
+    cfg: MergeConfig, trial: Trial, experts: Sequence[dict[str, Tensor]], base: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """A data-free ``trial`` (as ``cfg``) merged in memory: the numbers the streaming engine writes."""
+    lists: dict[str, Any] = {
+        k: [pm.get(k) for pm in trial.per_model] for k in (trial.per_model[0] if trial.per_model else {})
+    }
+    return merge_state_dicts(cfg.method.name, experts, base, seed=cfg.seed, **trial.params, **lists)
+
+
+class Scorer(Protocol):
+    """What the search asks of an evaluator (:class:`Evaluator`; causal LMs:
+    :class:`~unimerge.tune.causal.CausalEvaluator`)."""
+
+    names: list[str]
+
+    def merge_config(self, trial: Trial) -> MergeConfig: ...
+
+    def score(self, trial: Trial, split: str) -> dict[str, float]: ...
+
+
 @dataclass
 class Evaluator:
     """The models, heads and data a search scores its trials with (see the module docstring)."""
@@ -110,12 +137,7 @@ class Evaluator:
         if isinstance(info, ModelMethod):
             merged = info.fn(self._problem(), method_params(cfg)[0])
             return lambda name: merged.for_task(name).eval()
-        lists: dict[str, Any] = {
-            k: [pm.get(k) for pm in trial.per_model] for k in (trial.per_model[0] if trial.per_model else {})
-        }
-        state = merge_state_dicts(
-            info.name, self.experts, self.base_state, seed=cfg.seed, **trial.params, **lists
-        )
+        state = merged_state(cfg, trial, self.experts, self.base_state)
         module = load_state(copy.deepcopy(self.body.module).eval(), state)
         return lambda name: module
 
@@ -145,9 +167,7 @@ class Evaluator:
         return right / len(task.texts)
 
 
-def _tokenizer(
-    cfg: SearchConfig, base: ModelRef, experts: Sequence[ModelRef], config_dir: Path | None
-) -> Any:
+def search_tokenizer(cfg: SearchConfig, base: ModelRef, experts: Sequence[ModelRef]) -> Any:
     """The tokenizer of ``tokenizer_source`` (a model of the config), else of the base, else expert 0."""
     from transformers import AutoTokenizer
 
@@ -191,7 +211,7 @@ def _eval_tasks(
     return out
 
 
-def _task_names(cfg: SearchConfig, experts: Sequence[ModelRef], config_dir: Path | None) -> list[str]:
+def task_names(cfg: SearchConfig, experts: Sequence[ModelRef], config_dir: Path | None) -> list[str]:
     if cfg.data is not None:
         seed = cfg.data.seed if cfg.data.seed is not None else cfg.seed
         return [
@@ -216,14 +236,14 @@ def build_evaluator(cfg: SearchConfig, config_path: Path | None) -> Evaluator:
         check_tensors(e, mp, body.module.state_dict())
     base_map = file_names(base.checkpoint, keys, body.prefix)
     check_tensors(base, base_map, body.module.state_dict())
-    names = _task_names(cfg, experts, config_dir)
+    names = task_names(cfg, experts, config_dir)
     heads = {n: load_head(e, body) for n, e in zip(names, experts, strict=True)}
     if any(h is None for h in heads.values()):
         raise ConfigError(
             "search scores each task with its own expert's head, but the experts are plain encoders without "
             "one; use sequence-classification folders or `unimerge bench` experts."
         )
-    tok = _tokenizer(cfg, base, experts, config_dir)
+    tok = search_tokenizer(cfg, base, experts)
     train = None
     if cfg.data is not None:
         seed = cfg.data.seed if cfg.data.seed is not None else cfg.seed
@@ -235,31 +255,3 @@ def build_evaluator(cfg: SearchConfig, config_path: Path | None) -> Evaluator:
         {n: h for n, h in heads.items() if h is not None}, features_for(experts[0], body)[0], names,
         _eval_tasks(cfg, names, tok, config_dir), train,
     )  # fmt: skip
-
-
-@functools.lru_cache(maxsize=1)
-def evaluator(config_json: str, config_path: str | None) -> Evaluator:
-    """:func:`build_evaluator`, once per process for the same config (a Ray worker keeps its models)."""
-    path = Path(config_path) if config_path else None
-    cfg = SearchConfig.model_validate_json(config_json, context={"config_dir": path.parent if path else None})
-    return build_evaluator(cfg, path)
-
-
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """One trial (``job``: ``config`` JSON, ``config_path``, ``trial``): ``{"scores", "seconds"}``.
-
-    This is what a Ray task runs; errors propagate (the search records the trial as failed).
-    """
-    ev = evaluator(job["config"], job["config_path"])
-    start = time.perf_counter()
-    scores = ev.score(Trial.model_validate(job["trial"]), "validation")
-    return {"scores": scores, "seconds": round(time.perf_counter() - start, 3)}
-
-
-def job_for(cfg: SearchConfig, config_path: Path | None, trial: Trial) -> dict[str, Any]:
-    """The job :func:`run_job` runs for ``trial`` (plain data: it travels to Ray workers)."""
-    return {
-        "config": cfg.model_dump_json(),
-        "config_path": str(config_path.resolve()) if config_path else None,
-        "trial": json.loads(trial.model_dump_json()),
-    }

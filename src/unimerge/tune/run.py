@@ -33,7 +33,8 @@ from unimerge.errors import ConfigError, MergeError, UnimergeError
 from unimerge.io import atomic_dir, atomic_write_text
 from unimerge.options import Progress
 from unimerge.tune.config import SearchConfig, SearchSpec, load_search_config, parse_search_config
-from unimerge.tune.evaluate import Evaluator, evaluator, job_for, run_job, trial_config
+from unimerge.tune.evaluate import Scorer, trial_config
+from unimerge.tune.jobs import evaluator, job_for, run_job
 from unimerge.tune.report import write_report
 from unimerge.tune.space import Trial, build_space
 from unimerge.tune.strategies import make_strategy
@@ -239,7 +240,7 @@ def _load(config: str | Path | Mapping[str, Any] | SearchConfig) -> tuple[Search
     return load_search_config(config), Path(config)
 
 
-def _check(cfg: SearchConfig, path: Path | None, out: Path) -> Evaluator:
+def _check(cfg: SearchConfig, path: Path | None, out: Path) -> Scorer:
     """Every check before the first trial: the space's bounds, the models, heads and data, each
     method's merge config, ``task_weights``' names, and ``out`` (new, or a search's folder)."""
     build_space(cfg.search, len(cfg.models))

@@ -270,6 +270,13 @@ def build_space(spec: SearchSpec, n_models: int) -> SearchSpace:
                 f"search.per_model.{name}: none of the methods {[m.name for m in spec.methods]} has a "
                 f"per-model parameter {name!r} (see `unimerge methods --json`, scope per_model)."
             )
+    for m in spec.methods:
+        most = get_method(m.name).max_models
+        if most is not None and n_models > most:
+            raise ConfigError(
+                f"search.methods: {m.name!r} merges at most {most} model besides the base, and this search "
+                f"has {n_models}; drop it from search.methods (multislerp, karcher or model_stock merge any number)."
+            )
     return SearchSpace(
         methods=tuple(_method_space(m, spec, n_models) for m in spec.methods), n_models=n_models
     )
