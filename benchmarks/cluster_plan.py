@@ -8,7 +8,7 @@ nodes at the given bandwidths.
 
 Usage::
 
-    python benchmarks/cluster_plan.py --models 4 --nodes 1 2 4 8 --disk 4GB/s --network 25Gbit/s
+    python benchmarks/cluster_plan.py --models 4 --nodes 1 2 4 8 --disk 4GB/s --network 25Gbit/s --compute-ns 4.8
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--disk", default="4GB/s", help="shared storage's total throughput")
     ap.add_argument("--network", default="25Gbit/s", help="each node's link")
+    ap.add_argument("--compute-ns", default="0", help="TIES's cost per input element on one node (ns)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="unimerge-70b-") as tmp:
         root = Path(tmp)
@@ -78,7 +79,7 @@ def main() -> None:
         for n in args.nodes:
             cmd = [sys.executable, "-m", "unimerge", "validate", str(root / "ties.yaml"), str(root / "out"),
                    "--executor", "ray", "--nodes", str(n), "--disk-bandwidth", args.disk,
-                   "--network-bandwidth", args.network]  # fmt: skip
+                   "--network-bandwidth", args.network, "--compute-ns", args.compute_ns]  # fmt: skip
             env = {**os.environ, "COLUMNS": "120"}
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             sys.stdout.write(done.stdout + done.stderr)

@@ -9,8 +9,8 @@ The expected time: inputs and output live on shared storage, every node moves it
 own link (``network`` bytes/s each), and the storage serves everyone together (``disk`` bytes/s in
 all). A node streams, so its reading, writing and arithmetic overlap: it takes the longer of its
 bytes / ``network`` and its input elements x ``compute_ns`` (the method's cost per input element on
-one node; 0 leaves compute out; TIES costs about 3 ns per element on 2 threads here, from the
-6.0 ns per output element of 2 inputs in docs/speed.md). The merge takes
+one node; 0 leaves compute out; TIES costs about 6 ns per task-vector element on 2 threads here,
+docs/speed.md, so 6 n / (n + 1) ns per input element for n models and the base). The merge takes
 ``max(slowest node, all bytes / disk)``; one machine merging from its own disk takes
 ``max(all bytes / disk, all elements x compute_ns)``.
 """
