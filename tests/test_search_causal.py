@@ -132,6 +132,18 @@ def test_each_trial_is_the_merge_scored_by_choice_loglikelihood(world: Path, tmp
     assert result.test == pytest.approx(_accuracy(world, _state(tmp_path / "o" / "best" / "model"), "test"))
 
 
+def test_streamed_trials_score_as_the_in_memory_ones(world: Path, tmp_path: Path) -> None:
+    docs = []
+    for mode in ("memory", "stream"):
+        cfg = yaml.safe_load(_config(world).read_text())
+        cfg["search"]["merge"] = mode
+        (world / f"{mode}.yaml").write_text(yaml.safe_dump(cfg))
+        search(world / f"{mode}.yaml", tmp_path / mode, workers=0)
+        docs.append(json.loads((tmp_path / mode / "search.json").read_text()))
+    strip = [[{k: v for k, v in r.items() if k != "seconds"} for r in d["trials"]] for d in docs]
+    assert strip[0] == strip[1] and docs[0]["best"] == docs[1]["best"]
+
+
 def test_data_aware_methods_and_mixed_files_are_refused(world: Path, tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError, match=r"data-free methods only; drop the data-aware methods \['regmean'\]"

@@ -88,6 +88,12 @@ class SearchSpec(_Strict):
     batch: int = Field(default=4, ge=1, le=1024, description="Trials proposed together (CMA-ES: >= 2).")
     validation: list[str] | None = Field(default=None, min_length=1)
     test: list[str] | None = Field(default=None, min_length=1)
+    merge: Literal["memory", "stream", "auto"] = Field(
+        default="auto",
+        description="How a trial merges causal LMs: in memory (every model held), stream (the streaming "
+        "engine writes the merge to a temporary folder, then it is loaded: only one model held), auto "
+        "(stream when the models take more than a quarter of this machine's memory).",
+    )
 
     @field_validator("methods", mode="before")
     @classmethod
