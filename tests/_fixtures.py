@@ -22,6 +22,7 @@ __all__ = [
     "llama_tensor_shapes",
     "load_all_tensors",
     "make_peft_lora",
+    "make_tiny_family",
     "make_tiny_llama",
     "save_sharded",
 ]
@@ -196,6 +197,17 @@ def make_tiny_llama(
         _write_tokenizer(path, vocab)
     save_sharded(tensors, path, shards)
     return path
+
+
+def make_tiny_family(root: Path) -> dict[str, Path]:
+    """A base (2 shards) and experts e1, e2 (3 shards), e3: the base plus seeded perturbations."""
+    base = make_tiny_llama(root / "base", shards=2)
+    return {
+        "base": base,
+        "e1": make_tiny_llama(root / "e1", perturb_from=base, seed=1),
+        "e2": make_tiny_llama(root / "e2", perturb_from=base, seed=2, shards=3),
+        "e3": make_tiny_llama(root / "e3", perturb_from=base, seed=3),
+    }
 
 
 def make_peft_lora(

@@ -12,7 +12,7 @@ import pytest
 from torch import Tensor
 from typer.testing import CliRunner
 
-from _fixtures import make_tiny_llama
+from _fixtures import make_tiny_family
 from unimerge.cli import app
 from unimerge.cluster import PlanSource, RayDispatch, cluster_plan, merge_batch, run_merge_on_ray
 from unimerge.errors import ConfigError, MergeError
@@ -24,12 +24,7 @@ SMALL = 60_000  # batch bytes: a few tensors per Ray task, so the tiny model is 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("models")
-    base = make_tiny_llama(d / "base", shards=2)
-    return {
-        "base": base,
-        **{f"e{i}": make_tiny_llama(d / f"e{i}", perturb_from=base, seed=i) for i in (1, 2, 3)},
-    }
+    return make_tiny_family(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from _fixtures import load_all_tensors, make_peft_lora, make_tiny_llama
+from _fixtures import load_all_tensors, make_peft_lora, make_tiny_family
 from unimerge import ConfigError, PlanError, merge_state_dicts
 from unimerge.config import evaluate_setting
 from unimerge.execute import RunOptions, plan_config, run_merge
@@ -17,14 +17,7 @@ from unimerge.execute import RunOptions, plan_config, run_merge
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("models")
-    base = make_tiny_llama(d / "base", shards=2)
-    return {
-        "base": base,
-        "e1": make_tiny_llama(d / "e1", perturb_from=base, seed=1),
-        "e2": make_tiny_llama(d / "e2", perturb_from=base, seed=2, shards=3),
-        "e3": make_tiny_llama(d / "e3", perturb_from=base, seed=3),
-    }
+    return make_tiny_family(tmp_path_factory.mktemp("models"))
 
 
 def _cfg(method: str, models: dict[str, Path], names=("e1", "e2"), params=None, per_model=None, **extra):
@@ -200,17 +193,17 @@ def test_jobs_in_flight_stay_within_the_byte_budget(models, tmp_path) -> None:
     flight never exceed the budget; with every job over budget they run one at a time."""
     import threading
 
-    from unimerge.execute import _run_pool, job_bytes
+    from unimerge.execute import _run_pool
 
     jobs = plan_config(_cfg("linear", models, names=("e1", "e2", "e3")), tmp_path / "out").jobs
-    budget = 2 * max(map(job_bytes, jobs))  # room for two of the largest jobs, more small ones
+    budget = 2 * max(j.working_bytes for j in jobs)  # room for two of the largest jobs, more small ones
     lock, live, peak = threading.Lock(), [0, 0], [0, 0]  # bytes and jobs in flight
     started = [threading.Event() for _ in jobs]  # started[i]: the (i+1)-th job has started
     hold, alone = [10.0], []  # how long a job waits for the next to start; the jobs that waited in vain
 
     def fn(job) -> None:
         with lock:
-            live[0] += job_bytes(job)
+            live[0] += job.working_bytes
             live[1] += 1
             peak[0], peak[1] = max(peak[0], live[0]), max(peak[1], live[1])
             order = sum(e.is_set() for e in started)
@@ -219,7 +212,7 @@ def test_jobs_in_flight_stay_within_the_byte_budget(models, tmp_path) -> None:
             alone.append(order)
             hold[0] = min(hold[0], 0.02)  # a pool that does not overlap jobs fails fast
         with lock:
-            live[0] -= job_bytes(job)
+            live[0] -= job.working_bytes
             live[1] -= 1
 
     done = []

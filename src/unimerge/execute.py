@@ -171,11 +171,6 @@ class JobRunner:
             release_free_memory()
 
 
-def job_bytes(job: TensorJob) -> int:
-    """Working set of one job (:attr:`~unimerge.plan.TensorJob.working_bytes`)."""
-    return job.working_bytes
-
-
 def _merge_one(runner: JobRunner, writer: ShardedWriter, job: TensorJob) -> None:
     """Merge and write one job, then hand the memory it freed back to the OS (see :mod:`unimerge.heap`:
     otherwise malloc keeps it, and the resident set grows with the number of tensors merged)."""
@@ -215,7 +210,7 @@ def _run_pool(
     progress: Callable[[int, int], None] | None,
     budget: int,
 ) -> None:
-    """Run ``fn`` over jobs with at most ``2 * threads`` in flight whose :func:`job_bytes` sum stays
+    """Run ``fn`` over jobs with at most ``2 * threads`` in flight whose working sets (:attr:`~unimerge.plan.TensorJob.working_bytes`) sum stays
     within ``budget`` (a job larger than the budget runs alone); the first error stops the run."""
     done = 0
     pending: dict[Future[None], int] = {}
@@ -233,7 +228,7 @@ def _run_pool(
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="unimerge") as pool:
         try:
             for job in jobs:
-                cost = job_bytes(job)
+                cost = job.working_bytes
                 while pending and (
                     len(pending) >= 2 * max(1, threads) or sum(pending.values()) + cost > budget
                 ):

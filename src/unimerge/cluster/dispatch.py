@@ -28,9 +28,10 @@ from torch import Tensor
 from unimerge.cluster.session import start_ray, task_error
 from unimerge.config import MergeConfig
 from unimerge.errors import ConfigError, MergeError, UnimergeError
-from unimerge.execute import JobRunner, Report, as_config, job_bytes, run_plan
+from unimerge.execute import JobRunner, Report, as_config, run_plan
 from unimerge.heap import release_free_memory
 from unimerge.io import PlacedWriter, Placement, ShardedWriter
+from unimerge.io.writer import consecutive_groups
 from unimerge.methods import TensorMethod
 from unimerge.options import MergeResult, Progress, RunOptions, compute_device
 from unimerge.plan import MergePlan, TensorJob, make_plan
@@ -45,21 +46,13 @@ __all__ = [
     "tensor_plan",
 ]
 
-BATCH_BYTES = 1 << 30  # working set (job_bytes) of one task's jobs; a larger job is a batch of its own
+BATCH_BYTES = 1 << 30  # working set (working_bytes) of one task's jobs; a larger job is a batch of its own
 
 
 def batches(jobs: Sequence[TensorJob], limit: int = BATCH_BYTES) -> list[list[TensorJob]]:
-    """Consecutive jobs in groups whose :func:`~unimerge.execute.job_bytes` sum stays within ``limit``."""
-    out: list[list[TensorJob]] = []
-    size = 0
-    for job in jobs:
-        cost = job_bytes(job)
-        if not out or size + cost > limit:
-            out.append([])
-            size = 0
-        out[-1].append(job)
-        size += cost
-    return out
+    """Consecutive jobs in groups whose working sets (:attr:`~unimerge.plan.TensorJob.working_bytes`)
+    sum to at most ``limit``."""
+    return consecutive_groups(jobs, lambda job: job.working_bytes, limit)
 
 
 @dataclass(frozen=True)

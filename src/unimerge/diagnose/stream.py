@@ -5,7 +5,7 @@ the same checks and errors, from headers, before any tensor data is read). Then 
 job's inputs are read through the same checkpoint readers into one ``(n, *shape)`` buffer, turned into
 task vectors against the base, reduced to additive :class:`~unimerge.diagnose.stats.Stats` and dropped.
 Memory is bounded like a merge's: at most ``threads + 1`` tensors in flight, and no more of them than
-fit the largest tensor's working set (:func:`unimerge.execute.job_bytes`) or 512 MB.
+fit the largest tensor's working set (:attr:`unimerge.plan.TensorJob.working_bytes`) or 512 MB.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from unimerge.config import MergeConfig
 from unimerge.core import stack_buffer
 from unimerge.diagnose.stats import Stats, SubspaceSettings, summarize, tensor_stats
 from unimerge.errors import ConfigError
-from unimerge.execute import job_bytes, plan_config
+from unimerge.execute import plan_config
 from unimerge.methods import generator_for
 from unimerge.options import Progress, compute_device
 from unimerge.plan import MIN_BUDGET, MergePlan, Source, TensorJob, layer_index
@@ -158,11 +158,11 @@ def diagnose_plan(
             x.to(device), theta.to(device), top_k=options.top_k, settings=options.subspace, generator=g
         )
 
-    budget = max([MIN_BUDGET, *(job_bytes(j) for j, _, _ in items)])
+    budget = max([MIN_BUDGET, *(j.working_bytes for j, _, _ in items)])
     per_tensor: list[tuple[TensorJob, Stats]] = []
     try:
         for done, st in enumerate(
-            _ordered(items, measure, lambda it: job_bytes(it[0]), options.threads, budget), 1
+            _ordered(items, measure, lambda it: it[0].working_bytes, options.threads, budget), 1
         ):
             per_tensor.append((items[done - 1][0], st))
             if progress:

@@ -20,10 +20,10 @@ import re
 import shutil
 import struct
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -37,6 +37,7 @@ __all__ = [
     "TOKENIZER_FILES",
     "OutTensor",
     "ShardedWriter",
+    "consecutive_groups",
     "copy_model_files",
     "format_size",
     "parse_size",
@@ -45,6 +46,7 @@ __all__ = [
     "write_safetensors",
 ]
 
+T = TypeVar("T")
 _DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 MODEL_FILES = (
@@ -87,17 +89,24 @@ class _Slot:
     spec: OutTensor
 
 
+def consecutive_groups(items: Sequence[T], size: Callable[[T], int], limit: int) -> list[list[T]]:
+    """Greedy, in order: a new group when the next item would take the group's ``size`` sum past
+    ``limit`` (an item larger than ``limit`` is a group of its own); ``[]`` for no items."""
+    groups: list[list[T]] = []
+    total = 0
+    for item in items:
+        cost = size(item)
+        if not groups or total + cost > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(item)
+        total += cost
+    return groups
+
+
 def _plan_shards(tensors: Sequence[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
-    """Greedy, in order: a new shard when the next tensor would pass ``max_bytes``."""
-    shards: list[list[OutTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if shards[-1] and size + t.nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    return shards
+    """Output tensors in shards of at most ``max_bytes`` (one shard, perhaps empty, at least)."""
+    return consecutive_groups(tensors, lambda t: t.nbytes, max_bytes) or [[]]
 
 
 def safetensors_header(tensors: Sequence[OutTensor], metadata: Mapping[str, str]) -> tuple[bytes, list[int]]:
